@@ -1,0 +1,136 @@
+"""Checkpoint format, atomicity, retention and unsafe input (unit level, no training)."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from toolkit import checkpoint
+from toolkit.checkpoint import CheckpointError, Progress
+
+
+class Sentinel:
+    """Unpickling this creates a file: the proof that a loader ran code from a checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def tiny_save(directory, step, **extra):
+    weights = {"w": torch.full((3,), float(step))}
+    return checkpoint.save(directory, weights=weights, trainer_state={"optimizer": {"x": torch.ones(2)}, **extra},
+                           progress=Progress(step=step), config={"lr": 0.1}, meta={"world_size": 1})
+
+
+def test_save_is_complete_and_loads_back(tmp_path):
+    path = tiny_save(tmp_path, 5)
+    assert path.name == "step-00000005"
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "config.yaml", "model.safetensors", "state.json",
+                                                      "trainer_state.pt"]
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded.weights["w"], torch.full((3,), 5.0))
+    assert loaded.progress.step == 5 and loaded.config == {"lr": 0.1} and loaded.meta["world_size"] == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_folder_without_marker_is_never_loaded(tmp_path):
+    path = tiny_save(tmp_path, 1)
+    (path / "COMPLETE").unlink()
+    assert checkpoint.latest(tmp_path) == []
+    with pytest.raises(CheckpointError, match="incomplete"):
+        checkpoint.load(path)
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = tiny_save(tmp_path, 1)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupted"):
+        checkpoint.load(path)
+
+
+def test_corrupted_weights_of_the_right_size_are_refused(tmp_path):
+    path = tiny_save(tmp_path, 1)
+    weights = path / "model.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        checkpoint.load(path)
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    sentinel = tmp_path / "pwned"
+    path = tiny_save(tmp_path / "ck", 1)
+    evil = path / "trainer_state.pt"
+    torch.save({"optimizer": Sentinel(sentinel)}, evil)
+    marker = json.loads((path / "COMPLETE").read_text())
+    marker["trainer_state.pt"] = evil.stat().st_size  # a forged marker: sizes alone do not make it trusted
+    (path / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="corrupted or unsafe"):
+        checkpoint.load(path)
+    # the same bytes where the weights belong
+    (path / "model.safetensors").write_bytes(pickle.dumps(Sentinel(sentinel)))
+    marker["model.safetensors"] = (path / "model.safetensors").stat().st_size
+    (path / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        checkpoint.load(path)
+    assert not sentinel.exists()
+
+
+def test_retention_deletes_only_after_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        tiny_save(tmp_path, step)
+        checkpoint.prune(tmp_path, keep_last=2, keep=checkpoint.step_dir(tmp_path, 1))
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
+        "step-00000001", "step-00000002", "step-00000003"]  # 1 is the best: kept apart from the last 2
+
+    real_save = torch.save
+
+    def crash_midway(obj, path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        tiny_save(tmp_path, 4)
+    monkeypatch.setattr(torch, "save", real_save)
+    # the crash left a temporary folder, and every complete checkpoint is still there and loadable
+    assert (tmp_path / ".tmp-step-00000004").is_dir()
+    assert [p.name for p in checkpoint.latest(tmp_path)] == ["step-00000003", "step-00000002", "step-00000001"]
+    checkpoint.load(checkpoint.latest(tmp_path)[0])
+
+    tiny_save(tmp_path, 5)
+    checkpoint.prune(tmp_path, keep_last=2, keep=checkpoint.step_dir(tmp_path, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003", "step-00000005"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    tiny_save(tmp_path, 2)
+    path = checkpoint.save(tmp_path, weights={"w": torch.zeros(1)}, trainer_state={}, progress=Progress(step=2),
+                           config={}, meta={})
+    assert torch.equal(checkpoint.load(path).weights["w"], torch.zeros(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+
+
+def test_inference_picks_the_best_then_the_latest(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    tiny_save(checkpoints, 1)
+    checkpoint.save(checkpoints, weights={"w": torch.zeros(1)}, trainer_state={},
+                    progress=Progress(step=2, best_step=1, best_accuracy=0.9), config={}, meta={})
+    assert checkpoint.for_inference(tmp_path) == (checkpoint.step_dir(checkpoints, 1), "best eval accuracy in the run")
+    (checkpoint.step_dir(checkpoints, 1) / "COMPLETE").unlink()
+    assert checkpoint.for_inference(tmp_path) == (checkpoint.step_dir(checkpoints, 2), "latest in the run")
+    assert checkpoint.for_inference(checkpoints / "step-00000002")[1] == "checkpoint given"
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a run folder"):
+        checkpoint.for_inference(tmp_path / "nothing")
+
+
+def test_weights_of_another_model_are_refused_with_the_difference(tmp_path):
+    model = torch.nn.Linear(2, 3)
+    with pytest.raises(CheckpointError, match="missing bias.*shape weight"):
+        checkpoint.load_weights_into(model, {"weight": torch.zeros(3, 3)}, tmp_path / "model.safetensors")

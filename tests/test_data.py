@@ -1,0 +1,108 @@
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toolkit.data import (MNIST_FILES, MNIST_MEAN, MNIST_STD, DataError, EvalBatches, Preprocess, TrainBatches,
+                          epoch_permutation, eval_shard, load_mnist, train_shard)
+
+
+def write_idx(root, images: torch.Tensor, labels: torch.Tensor, prefix: str) -> None:
+    """Write an MNIST split in the IDX format: big-endian magic, sizes, then raw bytes."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    n, rows, cols = images.shape
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, rows, cols)
+                                                      + images.numpy().tobytes())
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.numpy().tobytes())
+
+
+def test_reads_idx_files_written_here(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    train_images = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8, generator=generator)
+    train_labels = torch.randint(0, 10, (7,), dtype=torch.uint8, generator=generator)
+    test_images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8, generator=generator)
+    test_labels = torch.tensor([3, 1, 4], dtype=torch.uint8)
+    write_idx(tmp_path, train_images, train_labels, "train")
+    write_idx(tmp_path, test_images, test_labels, "t10k")
+    images, labels = load_mnist(tmp_path, train=True, download=False)
+    assert images.dtype == torch.uint8 and torch.equal(images, train_images)
+    assert labels.dtype == torch.int64 and torch.equal(labels, train_labels.long())
+    images, labels = load_mnist(tmp_path, train=False, download=False)
+    assert torch.equal(images, test_images) and labels.tolist() == [3, 1, 4]
+
+
+def test_missing_files_name_all_four_and_their_folder(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path, train=True, download=False)
+    message = str(error.value)
+    assert all(name in message for name in MNIST_FILES)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    assert "\n" not in message
+
+
+def test_failed_download_is_the_same_one_line_error(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    def no_network(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(MNIST, "download", no_network)
+    with pytest.raises(DataError, match="not found and could not be downloaded"):
+        load_mnist(tmp_path, train=True, download=True)
+
+
+def test_train_shards_are_disjoint_equal_and_reshuffled_per_epoch():
+    count, world = 1001, 3
+    shards = [train_shard(count, seed=5, epoch=0, rank=r, world_size=world) for r in range(world)]
+    assert {len(s) for s in shards} == {count // world}
+    together = torch.cat(shards)
+    assert len(set(together.tolist())) == len(together)  # disjoint
+    assert torch.equal(train_shard(count, 5, 0, 1, world), shards[1])  # same on every call / every rank
+    assert not torch.equal(train_shard(count, 5, 1, 1, world), shards[1])  # a new order each epoch
+    assert torch.equal(torch.sort(epoch_permutation(count, 5, 0)).values, torch.arange(count))
+
+
+@pytest.mark.parametrize("count, world", [(1001, 2), (1001, 3), (10, 4), (5, 1)])
+def test_eval_shards_cover_every_sample_once(count, world):
+    covered = [i for r in range(world) for i in eval_shard(count, r, world)]
+    assert covered == list(range(count))
+
+
+def test_preprocess_resizes_and_standardises_on_the_device():
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    x = Preprocess(image_size=96)(images)
+    assert x.shape == (4, 1, 96, 96) and x.dtype == torch.float32
+    expected = (F.interpolate(images.unsqueeze(1).float() / 255, size=(96, 96), mode="bilinear",
+                              align_corners=False) - MNIST_MEAN) / MNIST_STD
+    torch.testing.assert_close(x, expected)
+    raw = Preprocess(image_size=96, normalize=False)(images)
+    assert 0 <= float(raw.min()) and float(raw.max()) <= 1
+
+
+def test_random_shift_moves_the_digit_and_keeps_the_size():
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    image[0, 12:16, 12:16] = 255
+    preprocess = Preprocess(image_size=112, normalize=False, shift_px=3)
+    plain = preprocess(image)
+    torch.manual_seed(0)
+    shifted = torch.cat([preprocess(image, augment=True) for _ in range(8)])
+    assert shifted.shape == (8, 1, 112, 112)
+    centre = lambda x: (x[0, 0].sum(0) * torch.arange(112)).sum() / x[0, 0].sum()  # noqa: E731
+    offsets = [float(centre(s[None]) - centre(plain)) for s in shifted]
+    assert max(abs(o) for o in offsets) > 1  # moved
+    assert max(abs(o) for o in offsets) <= 3 * 112 / 28 + 1e-3  # by at most 3 source pixels
+    torch.testing.assert_close(shifted.sum(dim=(1, 2, 3)), plain.sum().expand(8), rtol=0.02, atol=0)
+
+
+def test_batches_cover_the_shard_and_resume_mid_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1).expand(10, 28, 28).contiguous()
+    labels = torch.arange(10)
+    batches = TrainBatches(images, labels, batch_size=3, preprocess=Preprocess(65, normalize=False), seed=1)
+    assert len(batches) == 4
+    full = [y.tolist() for _, y in batches.epoch(0)]
+    assert sorted(sum(full, [])) == list(range(10))
+    assert [y.tolist() for _, y in batches.epoch(0, start_batch=2)] == full[2:]
+    evaluation = EvalBatches(images, labels, batch_size=4, preprocess=Preprocess(65), rank=1, world_size=3)
+    assert [y.tolist() for _, y in evaluation] == [[3, 4, 5]]

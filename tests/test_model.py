@@ -1,0 +1,103 @@
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import REFERENCE_SEED, run_module
+from toolkit.model import (AlexNet, build_model, count_flops, count_parameters, from_reference_state_dict,
+                           init_weights)
+
+# The reference network's parameters, in order: (name in the reference's `model` Sequential, shape).
+REFERENCE_PARAMETERS = [
+    ("model.0.weight", (96, 1, 11, 11)), ("model.0.bias", (96,)),
+    ("model.3.weight", (256, 96, 5, 5)), ("model.3.bias", (256,)),
+    ("model.6.weight", (384, 256, 3, 3)), ("model.6.bias", (384,)),
+    ("model.8.weight", (384, 384, 3, 3)), ("model.8.bias", (384,)),
+    ("model.10.weight", (256, 384, 3, 3)), ("model.10.bias", (256,)),
+    ("model.14.weight", (4096, 6400)), ("model.14.bias", (4096,)),
+    ("model.17.weight", (4096, 4096)), ("model.17.bias", (4096,)),
+    ("model.20.weight", (10, 4096)), ("model.20.bias", (10,)),
+]
+
+
+def test_parameter_count_matches_reference():
+    assert count_parameters(AlexNet()) == 46_764_746
+
+
+def test_parameters_map_one_to_one_onto_the_reference():
+    reference = {name: torch.zeros(shape) for name, shape in REFERENCE_PARAMETERS}
+    renamed = from_reference_state_dict(reference)
+    ours = AlexNet().state_dict()
+    assert list(renamed) == list(ours)
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def test_layers_in_reference_order():
+    model = AlexNet()
+    kinds = [type(m).__name__ for m in [*model.features, model.avgpool, *model.classifier]]
+    assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d",
+                     "ReLU", "Conv2d", "ReLU", "MaxPool2d", "AdaptiveAvgPool2d", "Flatten", "Linear", "ReLU",
+                     "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    conv = model.features[0]
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((11, 11), (4, 4), (1, 1))
+    assert [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+
+
+@pytest.mark.skipif(not (REFERENCE_SEED / "model.py").is_file(),
+                    reason="the reference program (../shared/reference/seed/model.py) is not beside this checkout")
+def test_reference_weights_give_identical_outputs_at_224():
+    spec = importlib.util.spec_from_file_location("reference_model", REFERENCE_SEED / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    reference = module.AlexNet().eval()
+    ours = AlexNet().eval()
+    ours.load_state_dict(from_reference_state_dict(reference.state_dict()))
+    x = torch.rand(2, 1, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+
+
+def test_any_size_the_convolutions_take():
+    model = build_model().eval()
+    with torch.no_grad():
+        for size in (65, 96, 224, 300):
+            assert model(torch.zeros(2, 1, size, size)).shape == (2, 10)
+
+
+def test_too_small_input_names_the_smallest_size():
+    model = AlexNet()
+    assert model.min_input_size == 65
+    with pytest.raises(ValueError, match="at least 65x65"):
+        model(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="at least 65x65"):
+        model(torch.zeros(1, 1, 64, 64))
+
+
+def test_flops_per_image_match_the_reference_figures():
+    forward, step = count_flops(AlexNet(), 224)
+    assert round(forward / 1e9, 3) == 1.876
+    assert round(step / 1e9, 2) == 5.56
+
+
+def test_kaiming_init_zero_biases_and_default_init_untouched():
+    torch.manual_seed(0)
+    default = AlexNet()
+    torch.manual_seed(0)
+    untouched = AlexNet()
+    init_weights(untouched, "default")
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), untouched.state_dict().values()))
+    kaiming = build_model("kaiming")
+    assert all(not m.bias.detach().any() for m in kaiming.modules() if getattr(m, "bias", None) is not None)
+    std = float(kaiming.features[0].weight.std())
+    assert abs(std - (2 / 121) ** 0.5) < 0.02  # He-normal: sqrt(2 / fan_in), fan_in = 1 x 11 x 11
+
+
+def test_summary_command_prints_shapes_parameters_and_flops():
+    result = run_module("toolkit.model", "--image-size", "224")
+    assert result.returncode == 0, result.stderr
+    assert "46,764,746" in result.stdout
+    assert "256 x 5 x 5" in result.stdout
+    assert "forward 1.876" in result.stdout and "training step 5.561" in result.stdout
+    small = run_module("toolkit.model", "--image-size", "28")
+    assert small.returncode == 2 and "at least 65" in small.stdout + small.stderr
