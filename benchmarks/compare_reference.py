@@ -13,7 +13,8 @@ malloc setting, thread count and Accelerate's one-precision-per-process state mu
 - reference with its forward and loss under torch.autocast in --precision, when that is not fp32: like for
   like with the toolkit (a GradScaler for fp16, as mixed-precision training needs);
 - the toolkit's trainer pipeline (`toolkit.bench --pipeline trainer --mode train`) on configs/seed.yaml, the
-  reference's recipe, at the same image size, batch and precision.
+  reference's recipe, at the same image size (224 px: the reference's network takes no other), batch and
+  precision.
 
 Each is timed end to end, data loading included: warm-up steps, then windows of --steps steps with
 devices.synchronize at both ends; images/s is the median over --repeats windows.
@@ -45,7 +46,8 @@ PROG = "compare_reference.py"
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "reference" / "seed"
 SEED_RECIPE = ROOT / "configs" / "seed.yaml"
-REFERENCE_IMAGE_SIZE = 224  # transforms.Resize(224) in the reference's train.py
+# transforms.Resize(224) in the reference's train.py; its classifier expects the 5x5 grid of this size only
+REFERENCE_IMAGE_SIZE = 224
 
 
 def reference_settings(reference_dir: Path) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def side_in_process(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         out = Path(scratch) / "side.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--_side", str(out),
                    "--reference-dir", str(args.reference_dir), "--device", args.device, "--precision", precision,
-                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                   "--batch-size", str(args.batch_size),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode == 0 and out.is_file():
@@ -166,8 +168,6 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--precision", default="auto",
                         help="no, bf16, fp16 or auto (the trainer's choice for the device); the reference is also "
                              "measured as written, in fp32 (default auto)")
-    parser.add_argument("--image-size", default=str(REFERENCE_IMAGE_SIZE),
-                        help=f"pixels, both sides (default {REFERENCE_IMAGE_SIZE}, the reference's)")
     parser.add_argument("--batch-size", default="", help="both sides (default: the reference's `batch`)")
     parser.add_argument("--warmup", default="3", help="untimed steps first (default 3)")
     parser.add_argument("--steps", default="10", help="steps per timed window (default 10)")
@@ -183,7 +183,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not (args.reference_dir / "model.py").is_file() or not (args.reference_dir / "train.py").is_file():
         raise UsageError(f"--reference-dir {args.reference_dir} does not hold the reference's model.py and train.py")
     args.device = devices.resolve(args.device)
-    args.image_size = coerce("image_size", args.image_size, "--image-size")
+    args.image_size = REFERENCE_IMAGE_SIZE
     args.batch_size = coerce("batch_size", args.batch_size or reference_settings(args.reference_dir)["batch"],
                              "--batch-size")
     args.warmup = bench.counted("--warmup", 0)(args.warmup)
@@ -201,9 +201,10 @@ def print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     from rich.table import Table
 
     toolkit = rows[-1]
-    table = Table(title=f"reference loop vs toolkit trainer: {args.device}, {args.image_size} px, batch "
-                        f"{args.batch_size}, {args.steps} steps x {args.repeats} after {args.warmup} warm-up",
-                  title_justify="left")
+    table = Table(title="reference loop vs toolkit trainer", title_justify="left",
+                  caption=f"{args.device} ({devices.name(args.device)}), {args.image_size} px, batch "
+                          f"{args.batch_size}; {args.repeats} x {args.steps} steps after {args.warmup} warm-up",
+                  caption_justify="left")
     for column, justify in (("side", "left"), ("precision", "left"), ("images/s", "right"),
                             ("step ms", "right"), ("toolkit / this", "right")):
         table.add_column(column, justify=justify)
@@ -213,8 +214,7 @@ def print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         ratio = (toolkit["images_per_sec"] / row["images_per_sec"]
                  if ok and toolkit["status"] == "ok" and row is not toolkit else None)
         table.add_row(row["side"], row["precision"], f"{row['images_per_sec']:,.1f}" if ok else row["status"],
-                      f"{step_ms:,.1f}" if ok else "-", f"{ratio:.2f}x" if ratio else "",
-                      )
+                      f"{step_ms:,.1f}" if ok else "-", f"{ratio:.2f}x" if ratio else "")
     console = bench.console_for_tables()
     console.print(table)
     for row in rows:

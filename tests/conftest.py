@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.data import MNIST_FILES, resolve_data_dir
+from toolkit.data import mnist_present, resolve_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_SEED = ROOT.parent / "shared" / "reference" / "seed"
@@ -17,7 +17,7 @@ REFERENCE_SEED = ROOT.parent / "shared" / "reference" / "seed"
 
 def mnist_root() -> Path | None:
     root = resolve_data_dir()
-    if all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
+    if mnist_present(root):
         return root.resolve()
     return None
 
@@ -45,3 +45,15 @@ def run_module(module: str, *args: str, timeout: float = 300,
 # A run small enough for a 2-core CPU: 65 px is the smallest input the network takes.
 SMALL_RUN = ["--image-size", "65", "--train-samples", "2000", "--eval-samples", "1000", "--batch-size", "32",
              "--warmup-steps", "20", "--log-every-steps", "10"]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One real training run for the session, 2 epochs of SMALL_RUN: (run folder, its output). Tests only
+    read it."""
+    if mnist_root() is None:
+        pytest.skip("MNIST is not on this machine: set TOOLKIT_DATA_DIR to a folder holding MNIST/raw/")
+    out = tmp_path_factory.mktemp("small-run") / "run"
+    result = run_module("toolkit.train", *SMALL_RUN, "--epochs", "2", "--output-dir", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result

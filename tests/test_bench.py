@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-
 from conftest import mnist_root, run_module
+
 from toolkit import bench, devices
 
 # 65 px is the smallest input the network takes; one step per window keeps a configuration to seconds.
@@ -36,7 +36,7 @@ def tiny_case(**changes) -> bench.Case:
 def in_process(monkeypatch):
     """Running cases in the test process: a fresh Accelerate state around each test (it holds one precision
     per process) and a small matmul for the peak."""
-    monkeypatch.setattr(bench, "MATMUL_SIZE", 256)
+    monkeypatch.setitem(bench.MATMUL_SIZE, "cpu", 256)
     monkeypatch.setattr(bench, "MATMUL_SECONDS", 0.01)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -178,8 +178,22 @@ def test_compare_prints_the_ratio_of_matching_rows(tmp_path, capsys):
     assert bench.main(["--compare", a, b]) == 0
     out = capsys.readouterr().out
     assert "2.500" in out
-    assert "only in A: mode=train, pipeline=model, image_size=65, batch_size=4" in out
-    assert "only in B: mode=train, pipeline=trainer" in out
+    # settings that vary within a file identify rows; mode, size, precision... are the same everywhere
+    assert "only in A: pipeline=model, batch_size=4\n" in out
+    assert "only in B: pipeline=trainer, batch_size=2\n" in out
+
+
+def test_compare_leaves_out_the_setting_being_compared(tmp_path, capsys):
+    a = write_results(tmp_path / "eager.json", {("model", 2): 100.0, ("model", 4): 120.0})
+    b = write_results(tmp_path / "compiled.json", {("model", 2): 150.0, ("model", 4): 240.0})
+    rows = json.loads((tmp_path / "compiled.json").read_text())
+    for row in rows["results"]:
+        row["compile"] = True
+    (tmp_path / "compiled.json").write_text(json.dumps(rows))
+    assert bench.main(["--compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "A: compile=False; B: compile=True" in out
+    assert "1.500" in out and "2.000" in out
 
 
 def test_compare_rejects_a_file_that_is_not_bench_results(tmp_path, capsys):

@@ -38,6 +38,15 @@ def test_save_is_complete_and_loads_back(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_trained_weights_are_kept_beside_the_averaged_ones(tmp_path):
+    path = checkpoint.save(tmp_path, weights={"w": torch.zeros(2)}, train_weights={"w": torch.ones(2)},
+                           trainer_state={}, progress=Progress(step=1), config={}, meta={})
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded.weights["w"], torch.zeros(2)) and torch.equal(loaded.train_weights["w"], torch.ones(2))
+    assert "train_model.safetensors" in json.loads((path / "COMPLETE").read_text())
+    assert checkpoint.load(tiny_save(tmp_path / "plain", 1)).train_weights is None
+
+
 def test_folder_without_marker_is_never_loaded(tmp_path):
     path = tiny_save(tmp_path, 1)
     (path / "COMPLETE").unlink()
@@ -126,8 +135,14 @@ def test_inference_picks_the_best_then_the_latest(tmp_path):
     (checkpoint.step_dir(checkpoints, 1) / "COMPLETE").unlink()
     assert checkpoint.for_inference(tmp_path) == (checkpoint.step_dir(checkpoints, 2), "latest in the run")
     assert checkpoint.for_inference(checkpoints / "step-00000002")[1] == "checkpoint given"
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a run folder"):
+    with pytest.raises(CheckpointError, match="nothing does not exist"):
         checkpoint.for_inference(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a run folder"):
+        checkpoint.for_inference(tmp_path / "empty")
+    (tmp_path / "model.pth").write_bytes(b"\x80\x04.")
+    with pytest.raises(CheckpointError, match="model.pth is a file: a checkpoint is a folder"):
+        checkpoint.for_inference(tmp_path / "model.pth")
 
 
 def test_weights_of_another_model_are_refused_with_the_difference(tmp_path):

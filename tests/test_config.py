@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_module
+
 from toolkit.config import TrainConfig, parse_args, read_yaml, resume_mismatches
 from toolkit.errors import UsageError
 
@@ -40,6 +40,7 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
     ("precision: bf61\n", "did you mean 'bf16'?"),
     ("epochs: two\n", "epochs: expected an integer, got 'two'"),
     ("image_size: 28\n", "image_size: must be at least 65, got 28"),
+    ("ema_decay: 1.0\n", "ema_decay: must be less than 1, got 1.0"),
     ("normalize: maybe\n", "normalize: expected true or false"),
     ("- a\n- b\n", "must be a mapping"),
     ("lr: [0.1\n", "is not valid YAML"),
@@ -72,8 +73,8 @@ def test_seed_config_is_the_reference_recipe():
         ("sgd", 0.01, 0.0, 0.0, "constant")
     assert (config.batch_size, config.epochs, config.image_size, config.normalize, config.shift_px) == \
         (64, 10, 224, False, 0.0)
-    assert (config.init, config.precision, config.label_smoothing, config.warmup_steps) == \
-        ("default", "no", 0.0, 0)
+    assert (config.init, config.precision, config.label_smoothing, config.warmup_steps, config.ema_decay) == \
+        ("default", "no", 0.0, 0, 0.0)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

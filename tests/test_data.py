@@ -1,21 +1,21 @@
-import struct
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.data import (MNIST_FILES, MNIST_MEAN, MNIST_STD, DataError, EvalBatches, Preprocess, TrainBatches,
-                          epoch_permutation, eval_shard, load_mnist, train_shard)
-
-
-def write_idx(root, images: torch.Tensor, labels: torch.Tensor, prefix: str) -> None:
-    """Write an MNIST split in the IDX format: big-endian magic, sizes, then raw bytes."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    n, rows, cols = images.shape
-    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, rows, cols)
-                                                      + images.numpy().tobytes())
-    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.numpy().tobytes())
+from toolkit.data import (
+    MNIST_FILES,
+    MNIST_MEAN,
+    MNIST_STD,
+    DataError,
+    EvalBatches,
+    Preprocess,
+    TrainBatches,
+    epoch_permutation,
+    eval_shard,
+    load_mnist,
+    train_shard,
+    write_idx,
+)
 
 
 def test_reads_idx_files_written_here(tmp_path):
@@ -24,8 +24,8 @@ def test_reads_idx_files_written_here(tmp_path):
     train_labels = torch.randint(0, 10, (7,), dtype=torch.uint8, generator=generator)
     test_images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8, generator=generator)
     test_labels = torch.tensor([3, 1, 4], dtype=torch.uint8)
-    write_idx(tmp_path, train_images, train_labels, "train")
-    write_idx(tmp_path, test_images, test_labels, "t10k")
+    write_idx(tmp_path, True, train_images, train_labels)
+    write_idx(tmp_path, False, test_images, test_labels)
     images, labels = load_mnist(tmp_path, train=True, download=False)
     assert images.dtype == torch.uint8 and torch.equal(images, train_images)
     assert labels.dtype == torch.int64 and torch.equal(labels, train_labels.long())

@@ -14,9 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, mnist_root, run, run_module
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set "
                                                              "TOOLKIT_DATA_DIR to a folder holding MNIST/raw/")
@@ -143,7 +142,7 @@ def test_a_killed_rank_brings_the_job_down_quickly(tmp_path):
 def test_sigterm_to_all_processes_saves_at_the_same_step_and_resume_needs_the_same_world(tmp_path):
     out = tmp_path / "run"
     process = start_training(out)
-    wait_for(process, " step 3/8 ")
+    wait_for(process, " step 4/8 ")
     os.killpg(process.pid, signal.SIGTERM)  # what a scheduler does: every process of the job gets it
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0

@@ -2,10 +2,9 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import REFERENCE_SEED, run_module
-from toolkit.model import (AlexNet, build_model, count_flops, count_parameters, from_reference_state_dict,
-                           init_weights)
+
+from toolkit.model import AlexNet, build_model, count_flops, count_parameters, from_reference_state_dict, init_weights
 
 # The reference network's parameters, in order: (name in the reference's `model` Sequential, shape).
 REFERENCE_PARAMETERS = [
@@ -89,7 +88,7 @@ def test_kaiming_init_zero_biases_and_default_init_untouched():
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), untouched.state_dict().values()))
     kaiming = build_model("kaiming")
     assert all(not m.bias.detach().any() for m in kaiming.modules() if getattr(m, "bias", None) is not None)
-    std = float(kaiming.features[0].weight.std())
+    std = float(kaiming.features[0].weight.detach().std())
     assert abs(std - (2 / 121) ** 0.5) < 0.02  # He-normal: sqrt(2 / fan_in), fan_in = 1 x 11 x 11
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, mnist_root, run_module
 from safetensors.torch import load_file
 
-from conftest import ROOT, mnist_root, run_module
 from toolkit.config import TrainConfig
 
 RUN = ["--image-size", "65", "--train-samples", "64", "--eval-samples", "100", "--batch-size", "16",

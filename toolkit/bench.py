@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,8 +48,9 @@ from typing import Any
 import torch
 
 from toolkit import devices
+from toolkit.checkpoint import write_atomic
 from toolkit.config import ArgumentParser, TrainConfig, coerce, from_dict, read_yaml
-from toolkit.data import DATA_DIR_ENV, MNIST_FILES, DataError, resolve_data_dir
+from toolkit.data import DATA_DIR_ENV, DataError, mnist_present, resolve_data_dir, write_idx
 from toolkit.errors import UsageError, UserError, exit_on_user_error
 
 PROG = "toolkit.bench"
@@ -61,10 +61,11 @@ MNIST_TRAIN_IMAGES = 60_000
 MNIST_TEST_IMAGES = 10_000
 RESULTS_DIR = Path("benchmarks") / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Square matmul that measures a CPU's or MPS's own peak in the same run: big enough to be compute-bound
-# everywhere (137 GFLOP), small enough to take about a second on a 2-core CPU in fp32.
-MATMUL_SIZE = 4096
-MATMUL_SECONDS = 0.5  # time the matmul for at least this long
+# Square matmul that measures a CPU's or MPS's own peak in the same process as the configuration, right after
+# its windows (a busy machine slows both alike): compute-bound, and on a 2-core CPU about 0.1 s in fp32.
+MATMUL_SIZE = {"cpu": 2048, "cuda": 4096, "mps": 4096}
+MATMUL_SECONDS = 0.1  # each timing lasts at least this long; the best of MATMUL_TRIALS is the peak
+MATMUL_TRIALS = 3
 MATMUL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATUSES = ("ok", "oom", "error")
 
@@ -122,9 +123,10 @@ class Case:
 def trainer_config(case: Case, data_dir: Path, output_dir: Path) -> TrainConfig:
     """The trainer's config for one case: the recipe, with just enough data on the device for the windows."""
     base = from_dict(read_yaml(case.recipe), source=case.recipe) if case.recipe else TrainConfig()
-    batch = case.batch_size
-    train_batches = case.warmup + case.steps * case.repeats if (case.mode, case.pipeline) == ("train", "trainer") else 1
-    eval_batches = min(case.steps, MNIST_TEST_IMAGES // batch) if (case.mode, case.pipeline) == ("infer", "trainer") else 1
+    batch, trainer_pipeline = case.batch_size, case.pipeline == "trainer"
+    # the trainer pipeline reads a new batch every step; the model pipeline reuses one
+    train_batches = case.warmup + case.steps * case.repeats if trainer_pipeline and case.mode == "train" else 1
+    eval_batches = min(case.steps, MNIST_TEST_IMAGES // batch) if trainer_pipeline and case.mode == "infer" else 1
     overrides = {
         "device": case.device, "precision": case.precision, "channels_last": str(case.channels_last).lower(),
         "image_size": case.image_size, "batch_size": batch, "eval_batch_size": batch,
@@ -135,23 +137,13 @@ def trainer_config(case: Case, data_dir: Path, output_dir: Path) -> TrainConfig:
     return from_dict(overrides, source=PROG, base=base)
 
 
-def mnist_present(root: Path) -> bool:
-    return all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
-
-
 def write_synthetic_mnist(root: Path, train_images: int, test_images: int) -> Path:
     """Random uint8 images in MNIST's own file format under root/MNIST/raw/, so the model pipeline runs the real
     Trainer where MNIST is absent (the timing of a fixed batch does not depend on its pixels)."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    for prefix, count in (("train", train_images), ("t10k", test_images)):
+    for train, count in ((True, train_images), (False, test_images)):
         images = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=generator)
-        labels = torch.randint(0, 10, (count,), dtype=torch.uint8, generator=generator)
-        # idx headers: magic 0x0803 (uint8, 3 dims) or 0x0801 (uint8, 1 dim), then big-endian sizes
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, count, 28, 28)
-                                                          + images.numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, count) + labels.numpy().tobytes())
+        write_idx(root, train, images, torch.randint(0, 10, (count,), generator=generator))
     return root
 
 
@@ -259,23 +251,27 @@ def trainer_train_windows(trainer: Any, case: Case) -> list[float]:
 
 
 def measure_matmul_tflops(device: torch.device, precision: str) -> float:
-    """The device's own dense matmul rate in the precision's compute dtype: the CPU's and MPS's peak for MFU."""
-    dtype = MATMUL_DTYPES[precision]
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
+    """The device's own dense matmul rate in the precision's compute dtype (the CPU's and MPS's peak for MFU):
+    the best of a few timings, each long enough to swamp the synchronisation."""
+    size, dtype = MATMUL_SIZE[device.type], MATMUL_DTYPES[precision]
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     out = torch.empty_like(a)
-    torch.mm(a, b, out=out)  # warm-up: library initialisation and kernel choice
-    count = 1
-    while True:
+
+    def timed(count: int) -> float:
         devices.synchronize(device)
         started = time.perf_counter()
         for _ in range(count):
             torch.mm(a, b, out=out)
         devices.synchronize(device)
-        seconds = time.perf_counter() - started
-        if seconds >= MATMUL_SECONDS:
-            return 2 * MATMUL_SIZE ** 3 * count / seconds / 1e12
+        return time.perf_counter() - started
+
+    timed(1)  # warm-up: library initialisation and kernel choice
+    count = 1
+    while (seconds := timed(count)) < MATMUL_SECONDS:
         count *= 2
+    best = min([seconds] + [timed(count) for _ in range(MATMUL_TRIALS - 1)])
+    return 2 * size ** 3 * count / best / 1e12
 
 
 def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | None:
@@ -293,20 +289,13 @@ def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | Non
 
 
 def flops_per_image(image_size: int, known: dict[str, Any]) -> tuple[int, int]:
-    """(forward, training step) FLOPs per image, counted once per image size and shared between workers."""
+    """(forward, training step) FLOPs per image, counted once per image size and passed on to later workers."""
     key = f"flops:{image_size}"
     if key not in known:
         from toolkit.model import build_model, count_flops
 
         known[key] = list(count_flops(build_model(), image_size))
     return tuple(known[key])  # type: ignore[return-value]
-
-
-def matmul_tflops(device: torch.device, precision: str, known: dict[str, Any]) -> float:
-    key = f"matmul:{device.type}:{precision}"
-    if key not in known:
-        known[key] = measure_matmul_tflops(device, precision)
-    return known[key]
 
 
 def case_fields(case: Case) -> dict[str, Any]:
@@ -377,9 +366,10 @@ def rates(case: Case, seconds: list[float], processes: int, device: torch.device
     flops = step if case.mode == "train" else forward
     images_per_sec = statistics.median(per_window)
     achieved = images_per_sec * flops / 1e12
-    measured = matmul_tflops(device, case.precision, known)
+    measured = measure_matmul_tflops(device, case.precision)
     listed = gpu_peak_tflops(device_name, case.precision) if device.type == "cuda" else None
-    peak, source = listed or (measured, f"measured {MATMUL_SIZE}x{MATMUL_SIZE} matmul, {case.precision}")
+    size = MATMUL_SIZE[device.type]
+    peak, source = listed or (measured, f"measured {size}x{size} matmul, {case.precision}")
     return {"images_per_sec": images_per_sec, "images_per_sec_windows": per_window,
             "step_ms": {"median": statistics.median(step_ms), "p10": percentile(step_ms, 10),
                         "p90": percentile(step_ms, 90)},
@@ -640,7 +630,7 @@ def default_json_path(label: str) -> Path:
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    write_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 def add_pipeline_ratios(rows: list[dict[str, Any]]) -> None:
@@ -747,7 +737,7 @@ def side_by_side_table(rows: list[dict[str, Any]], device_list: list[str]) -> An
 
 
 # ---------------------------------------------------------------------------------------------- --compare
-COMPARE_KEY = ("mode", "pipeline", "image_size", "batch_size", "precision", "channels_last", "compile")
+COMPARE_FIELDS = ("device", "mode", "pipeline", "image_size", "batch_size", "precision", "channels_last", "compile")
 
 
 def load_results(path: str) -> list[dict[str, Any]]:
@@ -755,7 +745,7 @@ def load_results(path: str) -> list[dict[str, Any]]:
         document = json.loads(Path(path).read_text())
         rows = document["results"]
         for row in rows:
-            for field in (*COMPARE_KEY, "device", "status", "images_per_sec"):
+            for field in (*COMPARE_FIELDS, "status", "images_per_sec"):
                 row[field]  # noqa: B018 - a KeyError here means not a bench file
     except FileNotFoundError:
         raise UsageError(f"--compare: {path} does not exist") from None
@@ -765,20 +755,24 @@ def load_results(path: str) -> list[dict[str, Any]]:
 
 
 def compare(path_a: str, path_b: str) -> int:
-    """Print B/A for every configuration found in both files; the device is part of the match only where a file
-    holds several (a --device all run)."""
+    """Print B/A for each configuration found in both files. A setting that varies within a file identifies
+    rows; one that is constant within each file is what is being compared (cpu.json vs cuda.json, an eager run
+    vs a compiled one) and is left out of the match."""
     from rich.table import Table
 
     rows_a, rows_b = load_results(path_a), load_results(path_b)
-    with_device = len({r["device"] for r in rows_a}) > 1 or len({r["device"] for r in rows_b}) > 1
-    fields = (("device",) if with_device else ()) + COMPARE_KEY
+    fields = [f for f in COMPARE_FIELDS if len({r[f] for r in rows_a}) > 1 or len({r[f] for r in rows_b}) > 1]
+    compared = [f for f in COMPARE_FIELDS if f not in fields and rows_a and rows_b and rows_a[0][f] != rows_b[0][f]]
 
     def keyed(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
         return {tuple(r[f] for f in fields): r for r in rows}
 
     a, b = keyed(rows_a), keyed(rows_b)
-    name_a, name_b = Path(path_a).name, Path(path_b).name
-    table = Table(title=f"B / A   (A = {name_a}, B = {name_b})", title_justify="left")
+    title = f"B / A   (A = {Path(path_a).name}, B = {Path(path_b).name})"
+    if compared:
+        title += ("   A: " + ", ".join(f"{f}={rows_a[0][f]}" for f in compared)
+                  + "; B: " + ", ".join(f"{f}={rows_b[0][f]}" for f in compared))
+    table = Table(title=title, title_justify="left")
     for f in fields:
         table.add_column(f.replace("_", " "))
     for column in ("A images/s", "B images/s", "B/A images/s", "A step ms", "B step ms"):
@@ -799,7 +793,7 @@ def compare(path_a: str, path_b: str) -> int:
     console.print(table)
     for label, only in (("A", [k for k in a if k not in b]), ("B", [k for k in b if k not in a])):
         for key in only:
-            console.print(f"only in {label}: " + ", ".join(f"{f}={v}" for f, v in zip(fields, key)))
+            console.print(f"only in {label}: " + ", ".join(f"{f}={v}" for f, v in zip(fields, key)), markup=False)
     if not any(k in b for k in a):
         console.print("no configuration is in both files")
     return 0

@@ -1,7 +1,8 @@
 """Checkpoints that survive a kill at any moment.
 
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding
-- `model.safetensors`: the weights (no pickle);
+- `model.safetensors`: the weights to use (the moving average when the run keeps one), no pickle;
+- `train_model.safetensors`: with a moving average, the trained weights training continues from;
 - `trainer_state.pt`: optimizer, LR schedule, gradient scaler and every process's random state (tensors and
   plain values only, read back with `torch.load(weights_only=True)`, which refuses anything that could run code);
 - `state.json`: the position (epoch, next batch, step), the metrics so far, the best accuracy, the world size;
@@ -31,6 +32,7 @@ from toolkit.errors import UserError
 
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
+TRAIN_WEIGHTS = "train_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 STATE = "state.json"
 CONFIG = "config.yaml"
@@ -59,13 +61,14 @@ class Progress:
 class Checkpoint:
     path: Path
     weights: dict[str, torch.Tensor]
+    train_weights: dict[str, torch.Tensor] | None
     trainer_state: dict[str, Any]
     progress: Progress
     config: dict[str, Any]
     meta: dict[str, Any]  # world_size, device, precision
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -81,7 +84,7 @@ def write_atomic(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -102,7 +105,8 @@ def step_dir(directory: Path, step: int) -> Path:
 
 
 def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
-         progress: Progress, config: dict[str, Any], meta: dict[str, Any]) -> Path:
+         progress: Progress, config: dict[str, Any], meta: dict[str, Any],
+         train_weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint for `progress.step` atomically; return its folder."""
     directory.mkdir(parents=True, exist_ok=True)
     final = step_dir(directory, progress.step)
@@ -110,15 +114,18 @@ def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_weights(weights, tmp / WEIGHTS)
+    files = [WEIGHTS, TRAINER_STATE, STATE, CONFIG]
+    if train_weights is not None:
+        save_weights(train_weights, tmp / TRAIN_WEIGHTS)
+        files.append(TRAIN_WEIGHTS)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / STATE).write_text(json.dumps({**meta, "progress": asdict(progress)}, indent=1))
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-    files = [WEIGHTS, TRAINER_STATE, STATE, CONFIG]
     for name in files:
-        _fsync(tmp / name)
+        fsync(tmp / name)
     (tmp / MARKER).write_text(json.dumps({name: (tmp / name).stat().st_size for name in files}))
-    _fsync(tmp / MARKER)
-    _fsync(tmp)
+    fsync(tmp / MARKER)
+    fsync(tmp)
     if final.exists():  # the same step saved by an earlier attempt of this run: replace it
         stale = directory / f".old-{final.name}"
         shutil.rmtree(stale, ignore_errors=True)
@@ -127,7 +134,7 @@ def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: di
         shutil.rmtree(stale)
     else:
         os.rename(tmp, final)
-    _fsync(directory)
+    fsync(directory)
     return final
 
 
@@ -181,6 +188,7 @@ def load(path: Path) -> Checkpoint:
     """Read a verified checkpoint onto the CPU. Nothing is unpickled beyond tensors and plain values."""
     verify(path)
     weights = load_weights(path / WEIGHTS)
+    train_weights = load_weights(path / TRAIN_WEIGHTS) if (path / TRAIN_WEIGHTS).exists() else None
     try:
         trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, or a pickle the safe loader refuses
@@ -191,8 +199,8 @@ def load(path: Path) -> Checkpoint:
         progress = Progress(**json.loads((path / STATE).read_text())["progress"])
     except (OSError, ValueError, TypeError, KeyError):
         raise CheckpointError(f"{path / STATE} is unreadable") from None
-    return Checkpoint(path=path, weights=weights, trainer_state=trainer_state, progress=progress,
-                      config=load_config(path), meta=load_meta(path))
+    return Checkpoint(path=path, weights=weights, train_weights=train_weights, trainer_state=trainer_state,
+                      progress=progress, config=load_config(path), meta=load_meta(path))
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -240,6 +248,11 @@ def for_inference(path: Path) -> tuple[Path, str]:
     """The checkpoint folder to use for `path` and why: a checkpoint folder itself, or for a run folder its
     best checkpoint (by eval accuracy) if it still exists, else its latest."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: a checkpoint is a folder holding {WEIGHTS} "
+                              f"(runs/x/checkpoints/step-...), or give the run folder")
     if (path / WEIGHTS).exists() or is_complete(path):
         return path, "checkpoint given"
     candidates = latest(path / "checkpoints")

@@ -11,9 +11,9 @@ import argparse
 import dataclasses
 import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -34,8 +34,8 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def _option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-            positive: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
+            below: float | None = None, positive: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "below": below,
                                             "positive": positive})
 
 
@@ -55,7 +55,7 @@ class TrainConfig:
     # --- model ---
     init: str = _option("kaiming", "weight initialisation: kaiming, or default (PyTorch's, as the reference; "
                                    "it sits at chance for hundreds of steps)", choices=INITS)
-    dropout: float = _option(0.5, "dropout before the last two linear layers", minimum=0)
+    dropout: float = _option(0.5, "dropout before the last two linear layers", minimum=0, below=1)
     # --- optimisation ---
     epochs: int = _option(8, "passes over the training data", positive=True)
     max_steps: int = _option(0, "stop after this many optimizer steps (0 = no cap); the LR schedule still "
@@ -67,14 +67,17 @@ class TrainConfig:
                              choices=OPTIMIZERS)
     lr: float = _option(3e-4, "peak learning rate for the global batch (see README: scaling with the batch)",
                         positive=True)
-    momentum: float = _option(0.9, "SGD momentum (0 = plain SGD, as the reference)", minimum=0)
+    momentum: float = _option(0.9, "SGD momentum (0 = plain SGD, as the reference)", minimum=0, below=1)
     nesterov: bool = _option(True, "Nesterov momentum (SGD with momentum > 0 only)")
     weight_decay: float = _option(0.05, "weight decay (decoupled for adamw, L2 for sgd)", minimum=0)
     lr_schedule: str = _option("cosine", "constant, cosine or linear decay to zero over `epochs`",
                                choices=LR_SCHEDULES)
     warmup_steps: int = _option(100, "linear warm-up from 0 to `lr` over this many steps", minimum=0)
-    label_smoothing: float = _option(0.0, "cross-entropy label smoothing", minimum=0)
+    label_smoothing: float = _option(0.0, "cross-entropy label smoothing", minimum=0, below=1)
     grad_clip: float = _option(0.0, "clip the global gradient norm at this value (0 = off)", minimum=0)
+    ema_decay: float = _option(0.999, "evaluate and save an exponential moving average of the weights with this "
+                                      "decay per step (0 = the weights themselves, as the reference)", minimum=0,
+                              below=1)
     # --- hardware and reproducibility ---
     device: str = _option("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     precision: str = _option("auto", "no, fp16 or bf16; auto = `accelerate launch --mixed_precision` if given, "
@@ -155,6 +158,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
         raise UsageError(f"{key}: must be greater than 0, got {value} ({source})")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise UsageError(f"{key}: must be at least {meta['minimum']:g}, got {value} ({source})")
+    if meta["below"] is not None and value >= meta["below"]:
+        raise UsageError(f"{key}: must be less than {meta['below']:g}, got {value} ({source})")
     return value
 
 

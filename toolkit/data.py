@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,11 @@ def resolve_data_dir(data_dir: str = "") -> Path:
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data")
 
 
+def mnist_present(root: Path) -> bool:
+    """Whether root/MNIST/raw/ holds the four files."""
+    return all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
+
+
 def missing_files_message(root: Path) -> str:
     return (f"MNIST not found and could not be downloaded: put {', '.join(MNIST_FILES)} (uncompressed) in "
             f"{root / 'MNIST' / 'raw'}, or point --data-dir / ${DATA_DIR_ENV} at the folder that holds MNIST/")
@@ -48,7 +54,7 @@ def load_mnist(root: Path, train: bool, download: bool = True) -> tuple[torch.Te
     from torchvision.datasets import MNIST
 
     raw = root / "MNIST" / "raw"
-    present = all((raw / name).is_file() for name in MNIST_FILES)
+    present = mnist_present(root)
     if not present and not download:
         raise DataError(missing_files_message(root))
     try:
@@ -60,6 +66,19 @@ def load_mnist(root: Path, train: bool, download: bool = True) -> tuple[torch.Te
             raise DataError(missing_files_message(root)) from None
         raise DataError(f"cannot read MNIST in {raw}: {error}") from None
     return dataset.data, dataset.targets
+
+
+def write_idx(root: Path, train: bool, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write one split in MNIST's IDX format under root/MNIST/raw/: a big-endian magic number (0x0803: uint8,
+    3 dimensions; 0x0801: uint8, 1 dimension), the sizes, then the bytes."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    prefix = "train" if train else "t10k"
+    count, rows, cols = images.shape
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 0x0803, count, rows, cols) + images.to(torch.uint8).numpy().tobytes())
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">II", 0x0801, count) + labels.to(torch.uint8).numpy().tobytes())
 
 
 def first(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +26,8 @@ from toolkit.errors import UsageError, exit_on_user_error
 from toolkit.metrics import EvalResult, evaluate
 from toolkit.model import NUM_CLASSES, AlexNet, build_model
 
+PRECISION_RULE = "Precision: the checkpoint's training precision when this device runs it, else auto; " \
+                 "--precision overrides."
 # Settings a user may change when using a trained model; the rest (image size, normalisation) come from it.
 INFERENCE_KEYS = ("device", "precision", "channels_last", "cpu_threads", "data_dir", "download", "eval_samples",
                   "eval_batch_size")
@@ -46,9 +49,33 @@ def load_for_inference(path: Path) -> tuple[AlexNet, TrainConfig, dict[str, Any]
     return model.eval(), config, checkpoint.load_meta(folder), folder, reason
 
 
+def inference_accelerator(config: TrainConfig, meta: dict[str, Any], precision_given: bool
+                          ) -> tuple[Accelerator, str, str]:
+    """(accelerator, device, precision) for using a trained model: the precision flag if given, else the
+    checkpoint's training precision when this device runs it, else auto. The same rule as toolkit.evaluate."""
+    device = devices.resolve(config.device)
+    requested = config.precision if precision_given else meta.get("precision", "auto")
+    if requested not in devices.supported_precisions(device):
+        requested = "auto"
+    precision, _ = devices.resolve_precision(device, requested)
+    accelerator = devices.build_accelerator(device, precision, config.dist_timeout_s)
+    devices.configure(device, config.deterministic, config.cpu_threads, accelerator.num_processes)
+    return accelerator, device, precision
+
+
+def on_device(model: AlexNet, config: TrainConfig, accelerator: Accelerator) -> tuple[AlexNet, Preprocess]:
+    """The model on the accelerator in the memory format training uses there, and the training preprocessing
+    (without augmentation) that feeds it."""
+    channels_last = devices.use_channels_last(accelerator.device.type, config.channels_last)
+    model = model.to(accelerator.device, memory_format=torch.channels_last if channels_last else
+                     torch.preserve_format)
+    return model, Preprocess(config.image_size, config.normalize, channels_last=channels_last)
+
+
 def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error("toolkit.evaluate"):
         parser = build_parser("python -m toolkit.evaluate", __doc__.splitlines()[0], keys=INFERENCE_KEYS)
+        parser.epilog = PRECISION_RULE
         parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
         parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
         args = vars(parser.parse_args(argv))
@@ -56,25 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         json_path = args.pop("json_path", None)
         # the checkpoint's settings, overridden by the flags given (device, precision, data, batch, samples)
         config = from_dict(args, source="command line", base=config)
-        device = devices.resolve(config.device)
-        requested = config.precision if "precision" in args else meta.get("precision", "auto")
-        if requested not in devices.supported_precisions(device):
-            requested = "auto"
-        precision, _ = devices.resolve_precision(device, requested)
-        accelerator = devices.build_accelerator(device, precision, config.dist_timeout_s)
-        devices.configure(device, config.deterministic, config.cpu_threads, accelerator.num_processes)
-        console = Console(quiet=not accelerator.is_main_process, highlight=False)
+        accelerator, device, precision = inference_accelerator(config, meta, "precision" in args)
+        console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
 
         with accelerator.main_process_first():
             images, labels = first(*load_mnist(resolve_data_dir(config.data_dir), train=False,
                                                download=config.download), config.eval_samples)
-        channels_last = devices.use_channels_last(device, config.channels_last)
-        model = model.to(accelerator.device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model, preprocess = on_device(model, config, accelerator)
         batches = EvalBatches(images.to(accelerator.device), labels.to(accelerator.device), config.eval_batch_size,
-                              Preprocess(config.image_size, config.normalize, channels_last=channels_last),
-                              accelerator.process_index, accelerator.num_processes)
+                              preprocess, accelerator.process_index, accelerator.num_processes)
         result = evaluate(model, batches, accelerator, expected_count=len(labels))
 
         if accelerator.is_main_process:

@@ -2,9 +2,9 @@
 
 A signal only sets a flag; the trainer finishes its step, saves and exits with 128 + the signal number (143 for
 SIGTERM, 130 for SIGINT). Repeats are ignored: launchers forward the signal a process already got from the
-terminal or the scheduler, and that must not cut the save short (SIGKILL still stops at once). Under DDP the flags of all processes are combined
-at every step with one small all-reduce on a CPU (gloo) group, so every rank stops at the same step and a NaN
-on one rank stops them all before the optimizer step.
+terminal or the scheduler, and that must not cut the save short (SIGKILL still stops at once). Under DDP the
+flags of all processes are combined at every step with one small all-reduce on a CPU (gloo) group, so every
+rank stops at the same step and a NaN on one rank stops them all before the optimizer step.
 """
 
 from __future__ import annotations

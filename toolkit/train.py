@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from toolkit import checkpoint, devices
+from toolkit.averaging import WeightAverage
 from toolkit.checkpoint import CheckpointError, Progress
 from toolkit.config import TrainConfig, parse_args, resume_mismatches, to_yaml
 from toolkit.console import TrainConsole
@@ -86,6 +87,7 @@ class Trainer:
         # Not passed to prepare(): Accelerate would step it once per process. It steps once per optimizer step.
         self.scheduler = build_schedule(optimizer, config, self.steps_per_epoch * config.epochs)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.ema = WeightAverage(acc.unwrap_model(self.model), config.ema_decay) if config.ema_decay else None
         set_seed(config.seed + self.rank)  # each process its own dropout and augmentation stream
 
         # --- state, resume, outputs ---
@@ -105,7 +107,10 @@ class Trainer:
                                                purge_step=self.progress.step + 1 if config.resume else None)
             self.tensorboard.log_text("config", to_yaml(config))
             self.jsonl = JsonlSink(self.output_dir / "metrics.jsonl", records=self.progress.history)
-        self.console.header(self._facts(precision_source), config.to_dict())
+        facts = self._facts(precision_source)
+        self.console.header(facts, config.to_dict())
+        if self.tensorboard:
+            self.tensorboard.log_text("run", "\n".join(f"{k}: {v}" for k, v in facts.items()))
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -211,18 +216,21 @@ class Trainer:
                 self.tensorboard.log({"train/skipped_steps": self.skipped_steps}, self.progress.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.accelerator.unwrap_model(self.model), self.progress.step + 1)
 
     def evaluate_and_record(self, epoch_done: bool) -> None:
         """Evaluate on the whole test set (exact across processes), log, and close the epoch if done."""
         progress = self.progress
-        result = evaluate(self.accelerator.unwrap_model(self.model), self.eval_batches, self.accelerator,
+        result = evaluate(self.evaluated_model(), self.eval_batches, self.accelerator,
                           expected_count=self.eval_batches.total)
         record = {"epoch": progress.epoch + 1, "step": progress.step,
                   "train_loss": progress.epoch_loss_sum / max(progress.epoch_images, 1),
                   "eval_loss": result.loss, "eval_accuracy": result.accuracy, "eval_correct": result.correct,
                   "eval_count": result.count, "lr": self.scheduler.get_last_lr()[0],
                   "epoch_s": self.epoch_seconds, "images_per_sec": self.epoch_rate,
-                  "global_batch_size": self.config.batch_size * self.world_size, "complete": epoch_done}
+                  "global_batch_size": self.config.batch_size * self.world_size, "complete": epoch_done,
+                  "eval_weights": "average" if self.ema else "trained"}
         progress.history.append(record)
         if result.accuracy > progress.best_accuracy:
             progress.best_accuracy, progress.best_step = result.accuracy, progress.step
@@ -230,7 +238,6 @@ class Trainer:
             self.tensorboard.log({"eval/loss": result.loss, "eval/accuracy": result.accuracy,
                                   "train/epoch_loss": record["train_loss"],
                                   "perf/epoch_images_per_sec": self.epoch_rate}, progress.step)
-            self.tensorboard.flush()
             self.jsonl.log({k: v for k, v in record.items() if k != "step"}, progress.step)
         if epoch_done:
             progress.epoch += 1
@@ -245,19 +252,22 @@ class Trainer:
             return
         rng = gather_object([{"python": random.getstate(), "torch": devices.rng_state(self.accelerator.device)}])
         if self.accelerator.is_main_process:
+            if self.tensorboard:
+                # on disk before the checkpoint: a resume purges what comes after it, and must find all before it
+                self.tensorboard.flush()
             scaler = self.accelerator.scaler
-            path = checkpoint.save(
+            trained = self.accelerator.unwrap_model(self.model).state_dict()
+            checkpoint.save(
                 self.checkpoints_dir,
-                weights=self.accelerator.unwrap_model(self.model).state_dict(),
+                weights=self.evaluated_model().state_dict(),  # what evaluation saw: for use and export
+                train_weights=trained if self.ema else None,  # where training goes on from, when they differ
                 trainer_state={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                               "scaler": scaler.state_dict() if scaler else None, "rng": rng},
+                               "scaler": scaler.state_dict() if scaler else None, "rng": rng,
+                               "ema_updates": self.ema.updates if self.ema else 0},
                 progress=self.progress, config=self.config.to_dict(),
                 meta={"world_size": self.world_size, "device": self.device_kind, "precision": self.precision})
             best = checkpoint.step_dir(self.checkpoints_dir, self.progress.best_step)
             checkpoint.prune(self.checkpoints_dir, self.config.keep_last, keep=best)
-            if self.tensorboard:
-                self.tensorboard.flush()
-            del path
         self.last_saved_step = self.progress.step
         self.accelerator.wait_for_everyone()
 
@@ -281,8 +291,14 @@ class Trainer:
         if not same_world and loaded.progress.batch > 0:
             raise UsageError(f"cannot resume {loaded.path} with {self.world_size} processes: it stopped mid-epoch "
                              f"with {loaded.meta.get('world_size')}; use that many, or an end-of-epoch checkpoint")
-        checkpoint.load_weights_into(acc.unwrap_model(self.model), loaded.weights, loaded.path / checkpoint.WEIGHTS)
         state = loaded.trainer_state
+        model = acc.unwrap_model(self.model)
+        if self.ema:
+            checkpoint.load_weights_into(self.ema.module, loaded.weights, loaded.path / checkpoint.WEIGHTS)
+            checkpoint.load_weights_into(model, loaded.train_weights, loaded.path / checkpoint.TRAIN_WEIGHTS)
+            self.ema.updates = state["ema_updates"]
+        else:
+            checkpoint.load_weights_into(model, loaded.weights, loaded.path / checkpoint.WEIGHTS)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if acc.scaler is not None and state.get("scaler"):
@@ -297,6 +313,11 @@ class Trainer:
         self.progress = loaded.progress
         self.last_saved_step = self.progress.step
         return loaded.path
+
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights evaluated and saved: their moving average if enabled, else the trained ones (never the
+        DDP wrapper: evaluation runs no collectives)."""
+        return self.ema.module if self.ema else self.accelerator.unwrap_model(self.model)
 
     def _pick_checkpoint(self) -> str | None:
         config = self.config
