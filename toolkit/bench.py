@@ -17,6 +17,9 @@ windows of `steps` steps. Each window starts and ends with `devices.synchronize`
 synchronised beyond what the pipeline itself does (the trainer's `loss.item()`), so a window covers exactly the
 device work queued in it. images/s is the median over windows; step_ms (median, p10, p90) is over windows of
 window time / steps: a mean step per window, not per-step samples, which would need a sync after every step.
+The trainer pipeline's windows alternate with windows of the model-only step in the same process, and
+`trainer_over_model` is the median of their window-by-window ratios: a shared machine's speed drifts, and a
+ratio of two runs made minutes apart would measure the drift.
 
 Every configuration runs in a fresh process on the CPU, and every precision in a fresh process on a GPU:
 Accelerate holds one precision per process, and a process's peak resident memory (the CPU's figure) cannot be
@@ -172,17 +175,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def time_windows(run_steps: Callable[[int], Any], device: torch.device, case: Case) -> list[float]:
-    """Seconds of each of `repeats` windows of `steps` steps, after `warmup` steps that are not timed."""
-    run_steps(case.warmup)
-    seconds = []
-    for _ in range(case.repeats):
+def timed(run_steps: Callable[[int], Any], device: torch.device) -> Callable[[int], float]:
+    """`run_steps` as a timed window: seconds from an idle device to the end of the work queued in it."""
+    def window(count: int) -> float:
         devices.synchronize(device)  # the window opens on an idle device...
         started = time.perf_counter()
-        run_steps(case.steps)
+        run_steps(count)
         devices.synchronize(device)  # ...and closes when the work queued in it is done
-        seconds.append(time.perf_counter() - started)
-    return seconds
+        return time.perf_counter() - started
+
+    return window
+
+
+def windows(case: Case, window: Callable[[int], float],
+            partner: Callable[[int], float] | None = None) -> tuple[list[float], list[float]]:
+    """Seconds of `repeats` windows of `steps` steps after `warmup` untimed ones; with a partner (the model-only
+    step, for the trainer pipeline), each window is followed by one of the partner's in the same process, so
+    the drift of a shared machine's speed (2x over minutes is common on a cloud VM) hits both alike."""
+    window(case.warmup)
+    if partner:
+        partner(case.warmup)
+    own, other = [], []
+    for _ in range(case.repeats):
+        own.append(window(case.steps))
+        if partner:
+            other.append(partner(case.steps))
+    return own, other
 
 
 def model_train_steps(trainer: Any, images: torch.Tensor, labels: torch.Tensor) -> Callable[[int], None]:
@@ -227,13 +245,13 @@ def trainer_infer_steps(trainer: Any, batch_size: int) -> Callable[[int], None]:
     return run
 
 
-def trainer_train_windows(trainer: Any, case: Case) -> list[float]:
+def trainer_train_window(trainer: Any, case: Case) -> Callable[[int], float]:
     """Windows timed by `Trainer.train_epoch` itself (synchronised at both ends there). A window never crosses
     the end of an epoch: a new one starts when fewer than `count` full batches remain."""
     progress = trainer.progress
     full_batches = trainer.train_batches.images_per_rank // case.batch_size
 
-    def run(count: int) -> float:
+    def window(count: int) -> float:
         if count == 0:
             return 0.0
         if full_batches - progress.batch < count:
@@ -246,8 +264,7 @@ def trainer_train_windows(trainer: Any, case: Case) -> list[float]:
             raise RuntimeError(f"train_epoch ran {progress.step - start} steps, expected {count}")
         return trainer.epoch_seconds
 
-    run(case.warmup)
-    return [run(case.steps) for _ in range(case.repeats)]
+    return window
 
 
 def measure_matmul_tflops(device: torch.device, precision: str) -> float:
@@ -302,7 +319,8 @@ def case_fields(case: Case) -> dict[str, Any]:
     row = asdict(case)
     row.update(device_name=None, processes=1, data=None, images_per_sec=None, images_per_sec_windows=None,
                step_ms=None, peak_memory=None, gflop_per_image=None, achieved_tflops=None, peak_tflops=None,
-               peak_source=None, matmul_tflops=None, mfu=None, status="error", message="")
+               peak_source=None, matmul_tflops=None, mfu=None, trainer_over_model=None,
+               paired_model_images_per_sec=None, status="error", message="")
     return row
 
 
@@ -323,9 +341,9 @@ def run_case(case: Case, known: dict[str, Any]) -> dict[str, Any]:
             if case.compile:
                 trainer.model = torch.compile(trainer.model)
             devices.reset_peak_memory(device)
-            seconds = measure(trainer, case)
+            seconds, paired = measure(trainer, case)
             row["peak_memory"] = devices.peak_memory_bytes(device)
-            row.update(rates(case, seconds, trainer.world_size, device, row["device_name"], known))
+            row.update(rates(case, seconds, paired, trainer.world_size, device, row["device_name"], known))
             row["status"] = "ok"
         except Exception as error:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
             if devices.is_out_of_memory(error):
@@ -343,24 +361,29 @@ def run_case(case: Case, known: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def measure(trainer: Any, case: Case) -> list[float]:
-    """Seconds of each timed window."""
+def measure(trainer: Any, case: Case) -> tuple[list[float], list[float]]:
+    """(seconds of each timed window, and for the trainer pipeline the model-only step's paired windows)."""
     device = trainer.accelerator.device
-    if case.mode == "train" and case.pipeline == "trainer":
-        return trainer_train_windows(trainer, case)
     if case.mode == "train":
         images, labels = next(iter(trainer.train_batches.epoch(0)))  # prepared once, as training prepares them
-        return time_windows(model_train_steps(trainer, images, labels), device, case)
-    if case.pipeline == "trainer":
-        return time_windows(trainer_infer_steps(trainer, case.batch_size), device, case)
-    images, _ = next(iter(trainer.eval_batches))
-    return time_windows(model_infer_steps(trainer, images), device, case)
+        model = timed(model_train_steps(trainer, images, labels), device)
+        pipeline = trainer_train_window(trainer, case)
+    else:
+        images, _ = next(iter(trainer.eval_batches))
+        model = timed(model_infer_steps(trainer, images), device)
+        pipeline = timed(trainer_infer_steps(trainer, case.batch_size), device)
+    if case.pipeline == "model":
+        return windows(case, model)
+    return windows(case, pipeline, partner=model)
 
 
-def rates(case: Case, seconds: list[float], processes: int, device: torch.device, device_name: str,
-          known: dict[str, Any]) -> dict[str, Any]:
+def rates(case: Case, seconds: list[float], paired: list[float], processes: int, device: torch.device,
+          device_name: str, known: dict[str, Any]) -> dict[str, Any]:
     images = case.steps * case.batch_size * processes
     per_window = [images / s for s in seconds]
+    # the trainer pipeline over the model-only step, window by window (same steps: the ratio of their times)
+    over_model = statistics.median(m / s for s, m in zip(seconds, paired)) if paired else None
+    paired_rate = statistics.median(images / m for m in paired) if paired else None
     step_ms = [1000 * s / case.steps for s in seconds]
     forward, step = flops_per_image(case.image_size, known)
     flops = step if case.mode == "train" else forward
@@ -374,7 +397,8 @@ def rates(case: Case, seconds: list[float], processes: int, device: torch.device
             "step_ms": {"median": statistics.median(step_ms), "p10": percentile(step_ms, 10),
                         "p90": percentile(step_ms, 90)},
             "gflop_per_image": flops / 1e9, "achieved_tflops": achieved, "peak_tflops": peak,
-            "peak_source": source, "matmul_tflops": measured, "mfu": achieved / peak}
+            "peak_source": source, "matmul_tflops": measured, "mfu": achieved / peak,
+            "trainer_over_model": over_model, "paired_model_images_per_sec": paired_rate}
 
 
 def first_line(error: BaseException) -> str:
@@ -633,19 +657,6 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
-def add_pipeline_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each trainer-pipeline row gets trainer_over_model: its images/s over the same configuration's model-only
-    images/s, the share of the step's speed the data path leaves."""
-    def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(row[k] for k in ("device", "mode", "batch_size", "precision", "channels_last", "compile",
-                                      "image_size", "recipe"))
-
-    model = {key(r): r for r in rows if r["pipeline"] == "model" and r["status"] == "ok"}
-    for row in rows:
-        partner = model.get(key(row)) if row["pipeline"] == "trainer" and row["status"] == "ok" else None
-        row["trainer_over_model"] = row["images_per_sec"] / partner["images_per_sec"] if partner else None
-
-
 # ---------------------------------------------------------------------------------------------- tables
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -820,7 +831,6 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             console.print("interrupted: no results written")
             return 130
-        add_pipeline_ratios(rows)
         console.print(results_table(rows))
         for line in peaks_note(rows):
             console.print(line, markup=False)
