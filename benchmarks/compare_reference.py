@@ -26,6 +26,7 @@ import argparse
 import ast
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -251,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             row["toolkit_over_this"] = toolkit["images_per_sec"] / row["images_per_sec"] if ok else None
         environment = bench.environment(argv, workers)
         environment["command"] = " ".join(["python benchmarks/compare_reference.py", *argv])
-        environment["reference_dir"] = str(args.reference_dir)
+        # paths as the project sees them, not as this machine lays them out
+        environment["reference_dir"] = os.path.relpath(args.reference_dir, bench.REPO_ROOT)
+        rows[-1]["recipe"] = os.path.relpath(rows[-1]["recipe"], bench.REPO_ROOT)
         path = Path(args.json) if args.json else bench.default_json_path(f"reference-{args.device}")
         bench.write_json(path, {"environment": environment, "results": rows})
         print(f"results: {path}")

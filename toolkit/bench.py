@@ -502,7 +502,8 @@ def git_state() -> tuple[str | None, bool | None]:
     commit = git("rev-parse", "HEAD")
     if commit is None:  # not a checkout, or no commit yet
         return None, None
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # the code's state: recorded results (benchmarks/results/) being rewritten do not make it dirty
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     return commit, (bool(status) if status is not None else None)
 
 
