@@ -190,15 +190,18 @@ def timed(run_steps: Callable[[int], Any], device: torch.device) -> Callable[[in
 def windows(case: Case, window: Callable[[int], float],
             partner: Callable[[int], float] | None = None) -> tuple[list[float], list[float]]:
     """Seconds of `repeats` windows of `steps` steps after `warmup` untimed ones; with a partner (the model-only
-    step, for the trainer pipeline), each window is followed by one of the partner's in the same process, so
-    the drift of a shared machine's speed (2x over minutes is common on a cloud VM) hits both alike."""
+    step, for the trainer pipeline), each window is paired with one of the partner's, right before or after it
+    in the same process, so the drift of a shared machine's speed (2x over minutes is common on a cloud VM)
+    hits both alike."""
     window(case.warmup)
     if partner:
         partner(case.warmup)
     own, other = [], []
-    for _ in range(case.repeats):
+    for repeat in range(case.repeats):
+        if partner and repeat % 2:  # alternate which goes first, so neither always follows the other
+            other.append(partner(case.steps))
         own.append(window(case.steps))
-        if partner:
+        if partner and not repeat % 2:
             other.append(partner(case.steps))
     return own, other
 
