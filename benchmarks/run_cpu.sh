@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The commands behind the CPU tables in benchmarks/README.md. Run on a quiet machine (nothing else busy: two
 # cores are easily shared away), from anywhere; results land in benchmarks/results/.
-#   benchmarks/run_cpu.sh                                  # the recorded settings (about 15 minutes on 2 cores)
-#   WARMUP=1 STEPS=1 REPEATS=1 RESULTS=/tmp/check benchmarks/run_cpu.sh   # a quick check that each command runs
+#   benchmarks/run_cpu.sh                                  # the recorded settings (about 20 minutes on 2 cores)
+#   WARMUP=1 STEPS=1 REPEATS=1 PAIRED_STEPS=1 PAIRED_REPEATS=2 RESULTS=/tmp/check benchmarks/run_cpu.sh   # a quick check that each command runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOOLKIT_DATA_DIR="${TOOLKIT_DATA_DIR:-../shared/data}"  # the folder holding MNIST/raw/
@@ -17,6 +17,12 @@ TIMING=(--warmup "$WARMUP" --steps "$STEPS" --repeats "$REPEATS")
 #    channels_last, training (target: trainer >= 0.95 x model).
 python -m toolkit.bench --device cpu --mode train --pipeline both --image-size 224 --batch-size 64 \
     --precision bf16 --channels-last "${TIMING[@]}" --json "$RESULTS/cpu-224px-b64-bf16-pipelines-$DATE.json"
+
+# 1b. The same ratio from windows paired in one process (each trainer window next to a model-only window, the
+#     order alternating), so the drift of a shared machine's speed hits both alike: the figure to trust.
+python -m toolkit.bench --device cpu --mode train --pipeline trainer --image-size 224 --batch-size 64 \
+    --precision bf16 --channels-last --warmup "$WARMUP" --steps "${PAIRED_STEPS:-5}" --repeats "${PAIRED_REPEATS:-16}" \
+    --json "$RESULTS/cpu-224px-b64-bf16-paired-$DATE.json"
 
 # 2. Which batch size and precision: a sweep at 112 px (a quarter of the FLOPs of 224 px), train and infer.
 python -m toolkit.bench --device cpu --mode both --pipeline model --image-size 112 --batch-size 32,64,128,256 \
