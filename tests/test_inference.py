@@ -65,7 +65,7 @@ def assert_matches(predictions: list[dict], logits: torch.Tensor, top_k: int) ->
     probabilities = logits.softmax(dim=1)
     top = probabilities.topk(top_k, dim=1)
     assert len(predictions) == len(logits)
-    for record, values, indices in zip(predictions, top.values.tolist(), top.indices.tolist()):
+    for record, values, indices in zip(predictions, top.values.tolist(), top.indices.tolist(), strict=True):
         assert record["digit"] == indices[0]
         assert record["probability"] == pytest.approx(values[0], abs=1e-5)
         assert [t["digit"] for t in record["top_k"]] == indices

@@ -385,7 +385,7 @@ def rates(case: Case, seconds: list[float], paired: list[float], processes: int,
     images = case.steps * case.batch_size * processes
     per_window = [images / s for s in seconds]
     # the trainer pipeline over the model-only step, window by window (same steps: the ratio of their times)
-    over_model = statistics.median(m / s for s, m in zip(seconds, paired)) if paired else None
+    over_model = statistics.median(m / s for s, m in zip(seconds, paired, strict=True)) if paired else None
     paired_rate = statistics.median(images / m for m in paired) if paired else None
     step_ms = [1000 * s / case.steps for s in seconds]
     forward, step = flops_per_image(case.image_size, known)
@@ -808,7 +808,8 @@ def compare(path_a: str, path_b: str) -> int:
     console.print(table)
     for label, only in (("A", [k for k in a if k not in b]), ("B", [k for k in b if k not in a])):
         for key in only:
-            console.print(f"only in {label}: " + ", ".join(f"{f}={v}" for f, v in zip(fields, key)), markup=False)
+            settings = ", ".join(f"{f}={v}" for f, v in zip(fields, key, strict=True))
+            console.print(f"only in {label}: {settings}", markup=False)
     if not any(k in b for k in a):
         console.print("no configuration is in both files")
     return 0

@@ -121,7 +121,7 @@ def report(console: Console, result: EvalResult, folder: Path, reason: str, devi
     per_class.add_column("images", justify="right")
     per_class.add_column("accuracy", justify="right")
     totals = result.confusion.sum(dim=1).tolist()
-    for digit, (total, accuracy) in enumerate(zip(totals, result.per_class_accuracy())):
+    for digit, (total, accuracy) in enumerate(zip(totals, result.per_class_accuracy(), strict=True)):
         per_class.add_row(str(digit), str(total), f"{accuracy:.2%}")
     console.print(per_class)
     confusion = Table(title="confusion (rows: true digit, columns: predicted)", title_justify="left")

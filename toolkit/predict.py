@@ -124,8 +124,8 @@ def answers(files: list[Path], probabilities: torch.Tensor, top_k: int) -> list[
     """One record per file: the digit, its probability and the `top_k` most likely digits."""
     top = probabilities.topk(top_k, dim=1)
     return [{"file": str(path), "digit": int(digits[0]), "probability": float(values[0]),
-             "top_k": [{"digit": int(d), "probability": float(p)} for d, p in zip(digits, values)]}
-            for path, values, digits in zip(files, top.values.tolist(), top.indices.tolist())]
+             "top_k": [{"digit": int(d), "probability": float(p)} for d, p in zip(digits, values, strict=True)]}
+            for path, values, digits in zip(files, top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
 def report(console: Console, records: list[dict[str, Any]], top_k: int) -> None:
