@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,13 +50,25 @@ SMALL_RUN = ["--image-size", "65", "--train-samples", "2000", "--eval-samples", 
              "--warmup-steps", "20", "--log-every-steps", "10"]
 
 
+@contextmanager
+def scratch_dir(request: pytest.FixtureRequest, name: str) -> Iterator[Path]:
+    """A folder for a module- or session-scoped fixture, removed when the fixture's scope ends unless a test
+    failed meanwhile: the rule `tmp_path_retention_policy = "failed"` applies to `tmp_path`."""
+    path = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    failures = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failures:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def small_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def small_run(request) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]]:
     """One real training run for the session, 2 epochs of SMALL_RUN: (run folder, its output). Tests only
     read it."""
     if mnist_root() is None:
         pytest.skip("MNIST is not on this machine: set TOOLKIT_DATA_DIR to a folder holding MNIST/raw/")
-    out = tmp_path_factory.mktemp("small-run") / "run"
-    result = run_module("toolkit.train", *SMALL_RUN, "--epochs", "2", "--output-dir", str(out), timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result
+    with scratch_dir(request, "small-run") as folder:
+        out = folder / "run"
+        result = run_module("toolkit.train", *SMALL_RUN, "--epochs", "2", "--output-dir", str(out), timeout=900)
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield out, result

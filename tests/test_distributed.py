@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, mnist_root, run, run_module
+from conftest import ROOT, mnist_root, run, run_module, scratch_dir
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set "
@@ -36,12 +36,13 @@ def launch(*args: str, processes: int = 2) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    result = run(launch("toolkit/train.py", *SMALL, "--epochs", "1", "--eval-samples", "1001",
-                        "--output-dir", str(out)), timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result
+def two_process_run(request):
+    with scratch_dir(request, "ddp") as folder:
+        out = folder / "run"
+        result = run(launch("toolkit/train.py", *SMALL, "--epochs", "1", "--eval-samples", "1001",
+                            "--output-dir", str(out)), timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield out, result
 
 
 def test_two_processes_train_with_one_voice_and_one_event_file(two_process_run):

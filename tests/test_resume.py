@@ -11,11 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, mnist_root, run_module
+from conftest import ROOT, mnist_root, run_module, scratch_dir
 from safetensors.torch import load_file
 
 from toolkit.config import TrainConfig
@@ -48,11 +49,12 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("baseline") / "run"
-    result = run_module("toolkit.train", *RUN, "--output-dir", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
+def baseline(request) -> Iterator[Path]:
+    with scratch_dir(request, "baseline") as folder:
+        out = folder / "run"
+        result = run_module("toolkit.train", *RUN, "--output-dir", str(out))
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield out
 
 
 def test_killed_four_times_then_resumed_is_bit_identical(baseline, tmp_path):
