@@ -1,5 +1,6 @@
 """Checkpoint format, atomicity, retention and unsafe input (unit level, no training)."""
 
+import errno
 import json
 import os
 import pickle
@@ -102,14 +103,16 @@ def test_retention_deletes_only_after_the_new_checkpoint_is_complete(tmp_path, m
     def crash_midway(obj, path, *args, **kwargs):
         with open(path, "wb") as file:
             file.write(b"PK\x03\x04 half a zip")
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint step-00000004 in .*No space left on "
+                                              r"device.*about \d+ MB.*from step-00000003, which is intact, "
+                                              r"with --resume auto"):
         tiny_save(tmp_path, 4)
     monkeypatch.setattr(torch, "save", real_save)
-    # the crash left a temporary folder, and every complete checkpoint is still there and loadable
-    assert (tmp_path / ".tmp-step-00000004").is_dir()
+    # the half-written folder is gone, and every complete checkpoint is still there and loadable
+    assert not (tmp_path / ".tmp-step-00000004").exists()
     assert [p.name for p in checkpoint.latest(tmp_path)] == ["step-00000003", "step-00000002", "step-00000001"]
     checkpoint.load(checkpoint.latest(tmp_path)[0])
 

@@ -122,6 +122,22 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_no_partial_folder(tmp_path):
+    import resource
+
+    def limit_file_size():  # no file over 100 MB, as a full disk would: each weights file is 187 MB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 2**20, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "toolkit.train", *RUN, "--output-dir", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not write checkpoint step-00000001" in lines[0], result.stderr
+    assert "File too large" in lines[0] and "and run again" in lines[0]
+    assert list((out / "checkpoints").iterdir()) == []  # the partial folder is gone
+
+
 def test_resume_auto_skips_a_corrupted_checkpoint(baseline, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(baseline, out)

@@ -112,20 +112,28 @@ def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: di
     final = step_dir(directory, progress.step)
     tmp = directory / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(weights, tmp / WEIGHTS)
-    files = [WEIGHTS, TRAINER_STATE, STATE, CONFIG]
-    if train_weights is not None:
-        save_weights(train_weights, tmp / TRAIN_WEIGHTS)
-        files.append(TRAIN_WEIGHTS)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    (tmp / STATE).write_text(json.dumps({**meta, "progress": asdict(progress)}, indent=1))
-    (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-    for name in files:
-        fsync(tmp / name)
-    (tmp / MARKER).write_text(json.dumps({name: (tmp / name).stat().st_size for name in files}))
-    fsync(tmp / MARKER)
-    fsync(tmp)
+    files = [WEIGHTS, TRAINER_STATE, STATE, CONFIG] + ([TRAIN_WEIGHTS] if train_weights is not None else [])
+    try:
+        tmp.mkdir()
+        save_weights(weights, tmp / WEIGHTS)
+        if train_weights is not None:
+            save_weights(train_weights, tmp / TRAIN_WEIGHTS)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        (tmp / STATE).write_text(json.dumps({**meta, "progress": asdict(progress)}, indent=1))
+        (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        for name in files:
+            fsync(tmp / name)
+        (tmp / MARKER).write_text(json.dumps({name: (tmp / name).stat().st_size for name in files}))
+        fsync(tmp / MARKER)
+        fsync(tmp)
+    except (OSError, SafetensorError) as error:  # a full disk, a quota, a read-only folder: give the space back
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(directory)
+        then = f"continue from {kept[0].name}, which is intact, with --resume auto" if kept else "run again"
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CheckpointError(f"could not write checkpoint {final.name} in {directory} ({reason}): "
+                              f"free space (a checkpoint takes about "
+                              f"{_megabytes(weights, train_weights, trainer_state)} MB) and {then}") from None
     if final.exists():  # the same step saved by an earlier attempt of this run: replace it
         stale = directory / f".old-{final.name}"
         shutil.rmtree(stale, ignore_errors=True)
@@ -136,6 +144,19 @@ def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: di
         os.rename(tmp, final)
     fsync(directory)
     return final
+
+
+def _megabytes(*states: Any) -> int:
+    """The tensor bytes in nested dicts and lists of tensors, in MB: about the size of a checkpoint."""
+    def size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(size(v) for v in value)
+        return 0
+    return round(sum(size(state) for state in states) / 1e6)
 
 
 def is_complete(path: Path) -> bool:
