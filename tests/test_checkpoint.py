@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,3 +153,44 @@ def test_weights_of_another_model_are_refused_with_the_difference(tmp_path):
     model = torch.nn.Linear(2, 3)
     with pytest.raises(CheckpointError, match="missing bias.*shape weight"):
         checkpoint.load_weights_into(model, {"weight": torch.zeros(3, 3)}, tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("optimizer, momentum, averaged", [("adamw", 0.9, False), ("adamw", 0.9, True),
+                                                           ("sgd", 0.0, False), ("sgd", 0.9, True)])
+def test_expected_bytes_is_the_size_a_checkpoint_takes(tmp_path, optimizer, momentum, averaged):
+    model = torch.nn.Linear(512, 512)
+    opt = torch.optim.AdamW(model.parameters()) if optimizer == "adamw" else \
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    model(torch.randn(4, 512)).sum().backward()
+    opt.step()
+    path = checkpoint.save(tmp_path, weights=model.state_dict(), trainer_state={"optimizer": opt.state_dict()},
+                           train_weights=model.state_dict() if averaged else None, progress=Progress(step=1),
+                           config={}, meta={})
+    actual = sum(f.stat().st_size for f in path.iterdir())
+    expected = checkpoint.expected_bytes(model, optimizer, momentum, averaged)
+    assert expected <= actual <= expected * 1.02 + 32_000  # the tensors, plus headers and small files
+
+
+def test_disk_warning_counts_what_the_run_keeps(tmp_path, monkeypatch):
+    free = {"bytes": 0}
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    directory = tmp_path / "run" / "checkpoints"  # not there yet: the disk under it counts
+    free["bytes"] = 3_999
+    assert "need about 0.00 GB" in checkpoint.disk_warning(directory, per_checkpoint=1_000, keep_last=2)
+    free["bytes"] = 4_000  # 2 kept + the best + the one being written
+    assert checkpoint.disk_warning(directory, per_checkpoint=1_000, keep_last=2) is None
+    big = 2 * 10**9
+    free["bytes"] = 3 * big
+    message = checkpoint.disk_warning(directory, per_checkpoint=big, keep_last=2)
+    assert message == ("warning: 6.00 GB free for " + str(directory) + ", and checkpoints need about 8.00 GB more "
+                       "(2 kept, the best, and the one being written, 2.00 GB each): free space or lower "
+                       "--keep-last, or a save may fail")
+    for step in (1, 2):  # checkpoints already there (a resumed run) take their part of the need
+        tiny_save(directory, step)
+    per = sum(f.stat().st_size for f in checkpoint.step_dir(directory, 2).iterdir())
+    free["bytes"] = 2 * per  # room for the best and the one being written
+    assert checkpoint.disk_warning(directory, per_checkpoint=per, keep_last=2) is None
+    free["bytes"] = 2 * per - 1
+    assert checkpoint.disk_warning(directory, per_checkpoint=per, keep_last=2) is not None
+    free["bytes"] = per - 1  # the one being written always needs its own room
+    assert checkpoint.disk_warning(directory, per_checkpoint=per, keep_last=0) is not None

@@ -138,6 +138,16 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_no_partial_folder(t
     assert list((out / "checkpoints").iterdir()) == []  # the partial folder is gone
 
 
+def test_a_disk_too_small_for_the_checkpoints_kept_is_said_at_the_start(tmp_path):
+    # a million checkpoints kept: no disk holds them; the run says so before its first step, and goes on
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(tmp_path / "run"), "--keep-last", "1000000",
+                        "--max-steps", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    warning = next(line for line in result.stdout.splitlines() if line.startswith("warning: "))
+    assert "GB free for" in warning and "(1000000 kept, the best, and the one being written, 0.75 GB each)" in warning
+    assert result.stdout.index(warning) < result.stdout.index("epoch 1/2 step 1/")
+
+
 def test_resume_auto_skips_a_corrupted_checkpoint(baseline, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(baseline, out)

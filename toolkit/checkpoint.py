@@ -159,6 +159,30 @@ def _megabytes(*states: Any) -> int:
     return round(sum(size(state) for state in states) / 1e6)
 
 
+def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, averaged: bool) -> int:
+    """The size of one checkpoint of a run: the weights, the optimizer's state per weight (AdamW two moments,
+    SGD one buffer with momentum, none without), and the trained weights beside their average, if any."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    copies = 1 + (2 if optimizer == "adamw" else int(momentum > 0)) + int(averaged)
+    return weights * copies
+
+
+def disk_warning(directory: Path, per_checkpoint: int, keep_last: int) -> str | None:
+    """A warning when the disk under `directory` cannot take the checkpoints a run keeps: `keep_last`, the best,
+    and the one being written, less those already there. None when it can."""
+    existing = sum(f.stat().st_size for p in complete_checkpoints(directory) for f in p.iterdir() if f.is_file())
+    needed = max(per_checkpoint, per_checkpoint * (keep_last + 2) - existing)
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= needed:
+        return None
+    return (f"warning: {free / 1e9:.2f} GB free for {directory}, and checkpoints need about {needed / 1e9:.2f} GB "
+            f"more ({keep_last} kept, the best, and the one being written, {per_checkpoint / 1e9:.2f} GB each): "
+            f"free space or lower --keep-last, or a save may fail")
+
+
 def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 

@@ -109,6 +109,11 @@ class Trainer:
             self.jsonl = JsonlSink(self.output_dir / "metrics.jsonl", records=self.progress.history)
         facts = self._facts(precision_source)
         self.console.header(facts, config.to_dict())
+        if acc.is_main_process:  # now, not when the first save fails an epoch in
+            size = checkpoint.expected_bytes(model, config.optimizer, config.momentum, averaged=self.ema is not None)
+            warning = checkpoint.disk_warning(self.checkpoints_dir, size, config.keep_last)
+            if warning:
+                self.console.print(warning)
         if self.tensorboard:
             self.tensorboard.log_text("run", "\n".join(f"{k}: {v}" for k, v in facts.items()))
 
