@@ -131,9 +131,9 @@ def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: di
         kept = latest(directory)
         then = f"continue from {kept[0].name}, which is intact, with --resume auto" if kept else "run again"
         reason = getattr(error, "strerror", None) or str(error)
-        raise CheckpointError(f"could not write checkpoint {final.name} in {directory} ({reason}): "
-                              f"free space (a checkpoint takes about "
-                              f"{_megabytes(weights, train_weights, trainer_state)} MB) and {then}") from None
+        megabytes = tensor_bytes([weights, train_weights, trainer_state]) / 1e6
+        raise CheckpointError(f"could not write checkpoint {final.name} in {directory} ({reason}): free space (a "
+                              f"checkpoint takes about {megabytes:.0f} MB) and {then}") from None
     if final.exists():  # the same step saved by an earlier attempt of this run: replace it
         stale = directory / f".old-{final.name}"
         shutil.rmtree(stale, ignore_errors=True)
@@ -146,25 +146,23 @@ def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: di
     return final
 
 
-def _megabytes(*states: Any) -> int:
-    """The tensor bytes in nested dicts and lists of tensors, in MB: about the size of a checkpoint."""
-    def size(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(size(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(size(v) for v in value)
-        return 0
-    return round(sum(size(state) for state in states) / 1e6)
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in `value`, a tensor or nested dicts, lists and tuples of them: what they take
+    in a checkpoint, headers aside."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, averaged: bool) -> int:
     """The size of one checkpoint of a run: the weights, the optimizer's state per weight (AdamW two moments,
     SGD one buffer with momentum, none without), and the trained weights beside their average, if any."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     copies = 1 + (2 if optimizer == "adamw" else int(momentum > 0)) + int(averaged)
-    return weights * copies
+    return tensor_bytes(model.state_dict()) * copies
 
 
 def disk_warning(directory: Path, per_checkpoint: int, keep_last: int) -> str | None:
