@@ -52,6 +52,9 @@ class TrainConfig:
                                    "(0 = off)", minimum=0)
     train_samples: int = _option(0, "train on the first N training images (0 = all 60,000)", minimum=0)
     eval_samples: int = _option(0, "evaluate on the first N test images (0 = all 10,000)", minimum=0)
+    validation_samples: int = _option(0, "hold out the last N training images and evaluate on them instead of the "
+                                         "test set, to choose a recipe without looking at the test set (0 = evaluate "
+                                         "on the test set)", minimum=0)
     # --- model ---
     init: str = _option("kaiming", "weight initialisation: kaiming, or default (PyTorch's, as the reference; "
                                    "it sits at chance for hundreds of steps)", choices=INITS)

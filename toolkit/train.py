@@ -64,8 +64,11 @@ class Trainer:
         # --- data: uint8 on the device; the main process reads (or downloads) first ---
         root = resolve_data_dir(config.data_dir)
         with acc.main_process_first():
-            train_split = first(*load_mnist(root, train=True, download=config.download), config.train_samples)
-            eval_split = first(*load_mnist(root, train=False, download=config.download), config.eval_samples)
+            train_split = load_mnist(root, train=True, download=config.download)
+            eval_split = load_mnist(root, train=False, download=config.download)
+        train_split, eval_split = split_for_evaluation(train_split, eval_split, config.validation_samples)
+        train_split = first(*train_split, config.train_samples)
+        eval_split = first(*eval_split, config.eval_samples)
         channels_last = devices.use_channels_last(self.device_kind, config.channels_last)
         preprocess = Preprocess(config.image_size, config.normalize, config.shift_px, channels_last)
         self.train_batches = TrainBatches(*(t.to(acc.device) for t in train_split), config.batch_size, preprocess,
@@ -235,7 +238,8 @@ class Trainer:
                   "eval_count": result.count, "lr": self.scheduler.get_last_lr()[0],
                   "epoch_s": self.epoch_seconds, "images_per_sec": self.epoch_rate,
                   "global_batch_size": self.config.batch_size * self.world_size, "complete": epoch_done,
-                  "eval_weights": "average" if self.ema else "trained"}
+                  "eval_weights": "average" if self.ema else "trained",
+                  "eval_split": "validation" if self.config.validation_samples else "test"}
         progress.history.append(record)
         if result.accuracy > progress.best_accuracy:
             progress.best_accuracy, progress.best_step = result.accuracy, progress.step
@@ -376,6 +380,8 @@ class Trainer:
                             f"({self.config.batch_size} x {self.world_size})",
             "parameters": f"{self.parameters:,}",
             "steps/epoch": self.steps_per_epoch,
+            "evaluated on": (f"the last {self.eval_batches.total:,} training images (held out)"
+                             if self.config.validation_samples else f"{self.eval_batches.total:,} test images"),
             "run folder": str(self.output_dir),
         }
         if self.resumed_from:
@@ -390,6 +396,21 @@ class Trainer:
         if hasattr(self, "stop"):
             self.stop.close()
         self.accelerator.end_training()
+
+
+def split_for_evaluation(train_split: tuple[torch.Tensor, torch.Tensor], test_split: tuple[torch.Tensor, torch.Tensor],
+                         validation_samples: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                           tuple[torch.Tensor, torch.Tensor]]:
+    """(training images, evaluation images): the test set, or with `validation_samples` the last N training images,
+    held out from training."""
+    if not validation_samples:
+        return train_split, test_split
+    images, labels = train_split
+    if validation_samples >= len(labels):
+        raise UsageError(f"validation_samples: {validation_samples} would leave no training images "
+                         f"(the training set has {len(labels)})")
+    return (images[:-validation_samples], labels[:-validation_samples]), \
+        (images[-validation_samples:], labels[-validation_samples:])
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.Optimizer:
