@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from toolkit import checkpoint
-from toolkit.checkpoint import CheckpointError, Progress
+from toolkit.checkpoint import Checkpoint, CheckpointError, TrainProgress
 
 
 class Sentinel:
@@ -23,10 +23,15 @@ class Sentinel:
         return (os.system, (f"touch {self.path}",))
 
 
+def state(weights, trainer_state=None, train_weights=None, config=None, meta=None, **progress):
+    return Checkpoint(weights=weights, train_weights=train_weights, trainer_state=trainer_state or {},
+                      progress=TrainProgress(**progress), config=config or {}, meta=meta or {})
+
+
 def tiny_save(directory, step, **extra):
     weights = {"w": torch.full((3,), float(step))}
-    return checkpoint.save(directory, weights=weights, trainer_state={"optimizer": {"x": torch.ones(2)}, **extra},
-                           progress=Progress(step=step), config={"lr": 0.1}, meta={"world_size": 1})
+    return checkpoint.save(directory, state(weights, {"optimizer": {"x": torch.ones(2)}, **extra}, step=step,
+                                            config={"lr": 0.1}, meta={"world_size": 1}))
 
 
 def test_save_is_complete_and_loads_back(tmp_path):
@@ -41,8 +46,7 @@ def test_save_is_complete_and_loads_back(tmp_path):
 
 
 def test_trained_weights_are_kept_beside_the_averaged_ones(tmp_path):
-    path = checkpoint.save(tmp_path, weights={"w": torch.zeros(2)}, train_weights={"w": torch.ones(2)},
-                           trainer_state={}, progress=Progress(step=1), config={}, meta={})
+    path = checkpoint.save(tmp_path, state({"w": torch.zeros(2)}, train_weights={"w": torch.ones(2)}, step=1))
     loaded = checkpoint.load(path)
     assert torch.equal(loaded.weights["w"], torch.zeros(2)) and torch.equal(loaded.train_weights["w"], torch.ones(2))
     assert "train_model.safetensors" in json.loads((path / "COMPLETE").read_text())
@@ -124,8 +128,7 @@ def test_retention_deletes_only_after_the_new_checkpoint_is_complete(tmp_path, m
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     tiny_save(tmp_path, 2)
-    path = checkpoint.save(tmp_path, weights={"w": torch.zeros(1)}, trainer_state={}, progress=Progress(step=2),
-                           config={}, meta={})
+    path = checkpoint.save(tmp_path, state({"w": torch.zeros(1)}, step=2))
     assert torch.equal(checkpoint.load(path).weights["w"], torch.zeros(1))
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
 
@@ -133,8 +136,7 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
 def test_inference_picks_the_best_then_the_latest(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     tiny_save(checkpoints, 1)
-    checkpoint.save(checkpoints, weights={"w": torch.zeros(1)}, trainer_state={},
-                    progress=Progress(step=2, best_step=1, best_accuracy=0.9), config={}, meta={})
+    checkpoint.save(checkpoints, state({"w": torch.zeros(1)}, step=2, best_step=1, best_accuracy=0.9))
     assert checkpoint.for_inference(tmp_path) == (checkpoint.step_dir(checkpoints, 1), "best eval accuracy in the run")
     (checkpoint.step_dir(checkpoints, 1) / "COMPLETE").unlink()
     assert checkpoint.for_inference(tmp_path) == (checkpoint.step_dir(checkpoints, 2), "latest in the run")
@@ -163,9 +165,8 @@ def test_expected_bytes_is_the_size_a_checkpoint_takes(tmp_path, optimizer, mome
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     model(torch.randn(4, 512)).sum().backward()
     opt.step()
-    path = checkpoint.save(tmp_path, weights=model.state_dict(), trainer_state={"optimizer": opt.state_dict()},
-                           train_weights=model.state_dict() if averaged else None, progress=Progress(step=1),
-                           config={}, meta={})
+    path = checkpoint.save(tmp_path, state(model.state_dict(), {"optimizer": opt.state_dict()},
+                                           train_weights=model.state_dict() if averaged else None, step=1))
     actual = sum(f.stat().st_size for f in path.iterdir())
     expected = checkpoint.expected_bytes(model, optimizer, momentum, averaged)
     assert expected <= actual <= expected * 1.02 + 32_000  # the tensors, plus headers and small files

@@ -210,8 +210,9 @@ def test_onnx_check_is_skipped_with_a_reason_without_onnxruntime(monkeypatch, tm
 # --- bad checkpoints and usage: one line, non-zero exit ---
 
 def fake_checkpoint(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> Path:
-    return checkpoint.save(directory, weights=weights, trainer_state={}, progress=checkpoint.Progress(),
-                           config=config, meta={"precision": "no"})
+    return checkpoint.save(directory, checkpoint.Checkpoint(weights=weights, train_weights=None, trainer_state={},
+                                                            progress=checkpoint.TrainProgress(), config=config,
+                                                            meta={"precision": "no"}))
 
 
 def one_error_line(capsys, main, argv: list[str], code: int = 1) -> str:

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -51,10 +51,10 @@ from typing import Any
 import torch
 
 from toolkit import devices
-from toolkit.checkpoint import write_atomic
 from toolkit.config import ArgumentParser, TrainConfig, coerce, from_dict, read_yaml
 from toolkit.data import DATA_DIR_ENV, DataError, mnist_present, resolve_data_dir, write_idx
 from toolkit.errors import UsageError, UserError, exit_on_user_error
+from toolkit.files import write_atomic
 
 PROG = "toolkit.bench"
 MODES = ("train", "infer")
@@ -207,67 +207,29 @@ def windows(case: Case, window: Callable[[int], float],
 
 
 def model_train_steps(trainer: Any, images: torch.Tensor, labels: torch.Tensor) -> Callable[[int], None]:
-    """The trainer's step on one fixed batch, without its per-step loss sync and data path."""
-    trainer.model.train()
-
+    """The trainer's step on one fixed batch, without its data path."""
     def run(count: int) -> None:
         for _ in range(count):
-            trainer.forward_backward(images, labels)
-            trainer.optimizer_step()
+            trainer.train_step(images, labels)
 
     return run
 
 
 def model_infer_steps(trainer: Any, images: torch.Tensor) -> Callable[[int], None]:
-    model = trainer.accelerator.unwrap_model(trainer.model)  # what evaluation runs (compiled, if it is)
-    model.eval()
-
     def run(count: int) -> None:
-        with torch.no_grad(), trainer.accelerator.autocast():
-            for _ in range(count):
-                model(images)
+        for _ in range(count):
+            trainer.infer(images)
 
     return run
 
 
-def trainer_infer_steps(trainer: Any, batch_size: int) -> Callable[[int], None]:
-    """`metrics.evaluate` over `count` of the trainer's evaluation batches, round and round the split."""
-    from toolkit.metrics import evaluate
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-
-    def cycled() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:  # each pass preprocesses again, as evaluation does (itertools.cycle would replay tensors)
-            yield from trainer.eval_batches
-
+def trainer_infer_steps(trainer: Any) -> Callable[[int], None]:
+    """`Trainer.evaluate` over the trainer's evaluation batches, `count` times (one window's worth each)."""
     def run(count: int) -> None:
-        if count:
-            evaluate(model, itertools.islice(cycled(), count), trainer.accelerator,
-                     expected_count=count * batch_size)
+        for _ in range(count):
+            trainer.evaluate()
 
     return run
-
-
-def trainer_train_window(trainer: Any, case: Case) -> Callable[[int], float]:
-    """Windows timed by `Trainer.train_epoch` itself (synchronised at both ends there). A window never crosses
-    the end of an epoch: a new one starts when fewer than `count` full batches remain."""
-    progress = trainer.progress
-    full_batches = trainer.train_batches.images_per_rank // case.batch_size
-
-    def window(count: int) -> float:
-        if count == 0:
-            return 0.0
-        if full_batches - progress.batch < count:
-            progress.epoch, progress.batch = progress.epoch + 1, 0
-        start = progress.step
-        signum = trainer.train_epoch(progress.epoch, until_step=start + count)
-        if signum:
-            raise KeyboardInterrupt
-        if progress.step - start != count:
-            raise RuntimeError(f"train_epoch ran {progress.step - start} steps, expected {count}")
-        return trainer.epoch_seconds
-
-    return window
 
 
 def measure_matmul_tflops(device: torch.device, precision: str) -> float:
@@ -368,13 +330,15 @@ def measure(trainer: Any, case: Case) -> tuple[list[float], list[float]]:
     """(seconds of each timed window, and for the trainer pipeline the model-only step's paired windows)."""
     device = trainer.accelerator.device
     if case.mode == "train":
-        images, labels = next(iter(trainer.train_batches.epoch(0)))  # prepared once, as training prepares them
+        images, labels = trainer.example_batch(train=True)  # prepared once, as training prepares them
         model = timed(model_train_steps(trainer, images, labels), device)
-        pipeline = trainer_train_window(trainer, case)
+        pipeline = timed(trainer.train_steps, device)
     else:
-        images, _ = next(iter(trainer.eval_batches))
+        images, _ = trainer.example_batch(train=False)
         model = timed(model_infer_steps(trainer, images), device)
-        pipeline = timed(trainer_infer_steps(trainer, case.batch_size), device)
+        # one evaluation pass is `steps` batches: the window runs it once (warm-up: as many passes as asked)
+        pipeline = timed(lambda count: trainer_infer_steps(trainer)(max(1, count // case.steps) if count else 0),
+                         device)
     if case.pipeline == "model":
         return windows(case, model)
     return windows(case, pipeline, partner=model)

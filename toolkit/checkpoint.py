@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from toolkit.errors import UserError
+from toolkit.files import fsync
 
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
@@ -44,7 +46,7 @@ class CheckpointError(UserError):
 
 
 @dataclass
-class Progress:
+class TrainProgress:
     """Where training stands; saved in `state.json`."""
 
     epoch: int = 0  # the epoch in progress (0-based)
@@ -55,36 +57,21 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     best_accuracy: float = -1.0
     best_step: int = -1
+    skipped_steps: int = 0  # fp16 steps the gradient scaler skipped (inf/NaN gradients)
 
 
 @dataclass
 class Checkpoint:
-    path: Path
-    weights: dict[str, torch.Tensor]
-    train_weights: dict[str, torch.Tensor] | None
-    trainer_state: dict[str, Any]
-    progress: Progress
+    """What a checkpoint holds: the trainer's whole state (`Trainer.state_dict()`), and once saved or loaded,
+    its folder."""
+
+    weights: dict[str, torch.Tensor]  # the weights to use: the moving average when the run keeps one
+    train_weights: dict[str, torch.Tensor] | None  # with a moving average, the weights training continues from
+    trainer_state: dict[str, Any]  # optimizer, schedule, scaler, every process's random state
+    progress: TrainProgress
     config: dict[str, Any]
     meta: dict[str, Any]  # world_size, device, precision
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    fsync(path.parent)
+    path: Path | None = None
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -104,10 +91,10 @@ def step_dir(directory: Path, step: int) -> Path:
     return directory / f"{PREFIX}{step:08d}"
 
 
-def save(directory: Path, *, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
-         progress: Progress, config: dict[str, Any], meta: dict[str, Any],
-         train_weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a complete checkpoint for `progress.step` atomically; return its folder."""
+def save(directory: Path, state: Checkpoint) -> Path:
+    """Write a complete checkpoint for `state.progress.step` atomically; return its folder."""
+    weights, train_weights, trainer_state = state.weights, state.train_weights, state.trainer_state
+    progress, config, meta = state.progress, state.config, state.meta
     directory.mkdir(parents=True, exist_ok=True)
     final = step_dir(directory, progress.step)
     tmp = directory / f".tmp-{final.name}"
@@ -239,11 +226,11 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path / TRAINER_STATE} is corrupted or unsafe and was not loaded ({reason})") \
             from None
     try:
-        progress = Progress(**json.loads((path / STATE).read_text())["progress"])
+        progress = TrainProgress(**json.loads((path / STATE).read_text())["progress"])
     except (OSError, ValueError, TypeError, KeyError):
         raise CheckpointError(f"{path / STATE} is unreadable") from None
-    return Checkpoint(path=path, weights=weights, train_weights=train_weights, trainer_state=trainer_state,
-                      progress=progress, config=load_config(path), meta=load_meta(path))
+    return Checkpoint(weights=weights, train_weights=train_weights, trainer_state=trainer_state,
+                      progress=progress, config=load_config(path), meta=load_meta(path), path=path)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -285,6 +272,21 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
 def latest(directory: Path) -> list[Path]:
     """Complete checkpoints, newest first: the order `--resume auto` tries them in."""
     return list(reversed(complete_checkpoints(directory)))
+
+
+def choose_for_resume(directory: Path, resume: str, announce: Callable[[str], None]) -> Checkpoint | None:
+    """The checkpoint a run resumes from, loaded: `resume` auto is the newest complete checkpoint in `directory`
+    that loads (announcing each one skipped), or None when there is none; otherwise `resume` is a checkpoint
+    folder, and one that does not load is a CheckpointError."""
+    if resume != "auto":
+        return load(Path(resume))
+    for path in latest(directory):
+        try:
+            return load(path)
+        except CheckpointError as error:
+            announce(f"warning: {error}; trying the previous checkpoint")
+    announce(f"no complete checkpoint in {directory}: starting from scratch")
+    return None
 
 
 def for_inference(path: Path) -> tuple[Path, str]:

@@ -31,11 +31,10 @@ def _format(key: str, value: Any) -> str:
 
 
 class TrainConsole:
-    def __init__(self, enabled: bool, log_every_steps: int) -> None:
+    def __init__(self, enabled: bool) -> None:
         self.console = Console(quiet=not enabled, highlight=False)
         self.live = enabled and self.console.is_terminal
         self.console.soft_wrap = not self.console.is_terminal  # a log line stays one line, however long
-        self.log_every_steps = log_every_steps
         self.progress: Progress | None = None
         self.task = None
         self.epoch_label = ""
@@ -70,17 +69,20 @@ class TrainConsole:
             self.task = self.progress.add_task(self.epoch_label, total=total_steps, completed=done_steps,
                                                loss="-", rate="-")
 
-    def step(self, done_steps: int, loss: float, images_per_sec: float | None) -> None:
-        """Called after every step with this process's loss; the rate is refreshed at log steps."""
+    def advance(self, done_steps: int) -> None:
+        """Called after every step: moves the live bar (nothing to read from the device)."""
         if self.progress is not None:
-            fields = {"loss": f"{loss:.4f}"}
-            if images_per_sec is not None:
-                fields["rate"] = f"{images_per_sec:,.0f}"
-            self.progress.update(self.task, completed=done_steps, **fields)
-        elif images_per_sec is not None:
+            self.progress.update(self.task, completed=done_steps)
+
+    def log(self, done_steps: int, loss: float | None, images_per_sec: float) -> None:
+        """Called at log steps with the mean loss and the throughput of all processes since the last log."""
+        loss_text = f"{loss:.4f}" if loss is not None else "-"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done_steps, loss=loss_text, rate=f"{images_per_sec:,.0f}")
+        else:
             eta = _eta(time.perf_counter() - self.started, done_steps - self.done_at_start,
                        self.total_steps - done_steps)
-            self.print(f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss:.4f} "
+            self.print(f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss_text} "
                        f"images/s {images_per_sec:,.0f} eta {eta}")
 
     def epoch_finished(self, record: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from toolkit import checkpoint, devices
 from toolkit.config import TrainConfig, build_parser, from_dict
 from toolkit.data import EvalBatches, Preprocess, first, load_mnist, resolve_data_dir
 from toolkit.errors import UsageError, exit_on_user_error
+from toolkit.files import write_atomic
 from toolkit.metrics import EvalResult, evaluate
 from toolkit.model import NUM_CLASSES, AlexNet, build_model
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             report(console, result, folder, reason, device, precision, accelerator.num_processes)
             if json_path:
-                checkpoint.write_atomic(Path(json_path), json.dumps(
+                write_atomic(Path(json_path), json.dumps(
                     to_json(result, folder, reason, device, precision, accelerator.num_processes), indent=1) + "\n")
         accelerator.end_training()
     return 0

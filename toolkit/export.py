@@ -34,11 +34,12 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from toolkit import checkpoint, devices
+from toolkit import devices
 from toolkit.config import build_parser, from_dict
 from toolkit.data import MNIST_MEAN, MNIST_STD, SOURCE_SIZE, DataError, Preprocess, load_mnist, resolve_data_dir
 from toolkit.errors import UsageError, UserError, exit_on_user_error
 from toolkit.evaluate import load_for_inference
+from toolkit.files import fsync, write_atomic
 from toolkit.model import NUM_CLASSES, AlexNet
 from toolkit.predict import IMAGE_PREPARATION
 
@@ -169,7 +170,7 @@ def write_verified(path: Path, write: Callable[[Path], None], verify: Callable[[
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        checkpoint.fsync(tmp)
+        fsync(tmp)
         result = verify(tmp)
         if result.ran and not result.passed:
             raise UserError(f"the exported model differs from PyTorch beyond tolerance, {path} not written: "
@@ -177,7 +178,7 @@ def write_verified(path: Path, write: Callable[[Path], None], verify: Callable[[
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    checkpoint.fsync(path.parent)
+    fsync(path.parent)
     return result
 
 
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         result = write_verified(output, lambda path: exporter(serving, example, path),
                                 lambda path: check(serving, kind, path, images, source))
         sidecar = output.with_name(output.name + ".json")
-        checkpoint.write_atomic(sidecar, json.dumps(describe(kind, output, folder, preprocess, result), indent=1)
+        write_atomic(sidecar, json.dumps(describe(kind, output, folder, preprocess, result), indent=1)
                                 + "\n")
 
         console.print(f"checkpoint: {escape(str(folder))} ({reason})")

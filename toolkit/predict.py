@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from toolkit import checkpoint
 from toolkit.config import build_parser, from_dict
 from toolkit.data import SOURCE_SIZE, Preprocess
 from toolkit.errors import UsageError, UserError, exit_on_user_error
 from toolkit.evaluate import PRECISION_RULE, inference_accelerator, load_for_inference, on_device
+from toolkit.files import write_atomic
 from toolkit.model import NUM_CLASSES, AlexNet
 
 PROG = "toolkit.predict"
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, error in errors:
             print(f"{PROG}: error: {path}: {error}", file=sys.stderr, flush=True)
         if json_path:
-            checkpoint.write_atomic(Path(json_path), json.dumps({
+            write_atomic(Path(json_path), json.dumps({
                 "checkpoint": str(folder), "chosen_because": reason, "device": device, "precision": precision,
                 "invert": invert, "predictions": records,
                 "errors": [{"file": str(path), "error": error} for path, error in errors]}, indent=1) + "\n")

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from toolkit.checkpoint import write_atomic
+from toolkit.files import write_atomic
 
 
 class TensorBoardSink:

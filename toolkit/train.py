@@ -1,6 +1,7 @@
 """Train AlexNet on MNIST with Hugging Face Accelerate: CPU, MPS, one GPU, or many processes with DDP.
 
     accelerate launch toolkit/train.py [--config configs/quick.yaml] [--epochs 2 --batch-size 128 ...]
+    accelerate launch -m toolkit.train ...  (the same)
     python -m toolkit.train ...            (one process, no launcher)
     toolkit-train ...                      (the installed command)
 
@@ -9,16 +10,10 @@ Config precedence, lowest to highest: defaults (the recommended recipe) < `--con
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and not __package__:
-    # Run as a file (`accelerate launch toolkit/train.py`), Python puts toolkit/ first on sys.path; put the
-    # folder that holds the package there instead, so `toolkit.*` imports resolve and nothing is shadowed.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import math
+import os
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -30,20 +25,23 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from toolkit import checkpoint, devices
 from toolkit.averaging import WeightAverage
-from toolkit.checkpoint import CheckpointError, Progress
+from toolkit.checkpoint import Checkpoint, TrainProgress
 from toolkit.config import TrainConfig, parse_args, resume_mismatches, to_yaml
 from toolkit.console import TrainConsole
 from toolkit.data import EvalBatches, Preprocess, TrainBatches, first, load_mnist, resolve_data_dir
 from toolkit.errors import UsageError, exit_on_user_error
-from toolkit.metrics import evaluate
+from toolkit.files import write_atomic
+from toolkit.metrics import EvalResult, evaluate
 from toolkit.model import build_model, count_parameters
-from toolkit.stopping import NonFiniteLoss, StopControl
+from toolkit.stopping import NonFiniteLoss, StopControl, first_signal
+from toolkit.tally import StepTally
 from toolkit.tracking import JsonlSink, TensorBoardSink
 
 
 class Trainer:
-    """The training run: `train()` runs it to the end; `train_epoch` and `train_step` are its parts (the
-    benchmark times them). `quiet` keeps the console silent on every process."""
+    """The training run: `train()` runs it to the end. Its state is one symmetric pair, `state_dict()` and
+    `load_state_dict()`, which checkpoints save and resume. Benchmarks drive it through `train_steps`,
+    `train_step`, `example_batch`, `evaluate` and `infer`. `quiet` keeps the console silent on every process."""
 
     def __init__(self, config: TrainConfig, quiet: bool = False) -> None:
         self.config = config
@@ -54,7 +52,7 @@ class Trainer:
         self.rank, self.world_size = acc.process_index, acc.num_processes
         devices.configure(self.device_kind, config.deterministic, config.cpu_threads,
                           int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        self.console = TrainConsole(acc.is_main_process and not quiet, config.log_every_steps)
+        self.console = TrainConsole(acc.is_main_process and not quiet)
         self.output_dir = self._output_dir()
         self.checkpoints_dir = self.output_dir / "checkpoints"
         if not config.resume and (self.output_dir / "metrics.jsonl").exists():
@@ -78,32 +76,42 @@ class Trainer:
         if len(self.train_batches) == 0:
             raise UsageError(f"train_samples: {len(train_split[1])} images cannot be split across "
                              f"{self.world_size} processes")
+        self.steps_per_epoch = len(self.train_batches)
 
         # --- model, optimizer, schedule: the same initial weights on every process ---
         torch.manual_seed(config.seed)
-        model = build_model(config.init, config.dropout)
+        # `network` is the module itself: its weights are what checkpoints hold, never a wrapper's (no "module."
+        # or "_orig_mod." prefixes); `model` is what training calls (DDP-wrapped under several processes).
+        self.network = build_model(config.init, config.dropout)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.parameters = count_parameters(model)
-        self.steps_per_epoch = len(self.train_batches)
-        optimizer = build_optimizer(model, config, self.device_kind)
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.parameters = count_parameters(self.network)
+        optimizer = build_optimizer(self.network, config, self.device_kind)
         # Not passed to prepare(): Accelerate would step it once per process. It steps once per optimizer step.
         self.scheduler = build_schedule(optimizer, config, self.steps_per_epoch * config.epochs)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.ema = WeightAverage(acc.unwrap_model(self.model), config.ema_decay) if config.ema_decay else None
+        self.model, self.optimizer = acc.prepare(self.network, optimizer)
+        # A fused optimizer skips an update on the device when told the loss was not finite; under fp16 the
+        # gradient scaler does that itself (and sets the flag for each step).
+        self._skip_on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and acc.scaler is None
+        self.ema = WeightAverage(self.network, config.ema_decay) if config.ema_decay else None
         set_seed(config.seed + self.rank)  # each process its own dropout and augmentation stream
 
-        # --- state, resume, outputs ---
-        self.progress = Progress()
+        # --- state: what checkpoints hold, and this session's counters ---
+        self.progress = TrainProgress()
         self.last_saved_step = -1
-        self.skipped_steps = 0
-        self.resumed_from = self._resume() if config.resume else None
-        self.stop = StopControl(self.rank, self.world_size, announce=self.console.print)
+        self.epoch_seconds = 0.0  # training time of the last epoch (or part of one), saving excluded
+        self.epoch_rate = 0.0  # its images/s over all processes
         self.session = {"images": 0, "seconds": 0.0, "steps": 0}  # this process, this session, training only
+        self.agreed_signal: int | None = None  # the stop signal the processes agreed on at a sync point
+        self.stop = StopControl(announce=self.console.print)
+        self.resumed_from = self._resume() if config.resume else None
+        self.tally = StepTally(acc.device, self.progress.step)
+
+        # --- outputs: only the main process writes ---
         self.tensorboard = self.jsonl = None
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomic(self.output_dir / "config.yaml", to_yaml(config))
+            write_atomic(self.output_dir / "config.yaml", to_yaml(config))
             # A resumed run drops what a killed attempt logged past its checkpoint (or everything, when no
             # checkpoint was complete), so curves and records continue without repeats.
             self.tensorboard = TensorBoardSink(self.output_dir / "tensorboard",
@@ -113,7 +121,8 @@ class Trainer:
         facts = self._facts(precision_source)
         self.console.header(facts, config.to_dict())
         if acc.is_main_process:  # now, not when the first save fails an epoch in
-            size = checkpoint.expected_bytes(model, config.optimizer, config.momentum, averaged=self.ema is not None)
+            size = checkpoint.expected_bytes(self.network, config.optimizer, config.momentum,
+                                             averaged=self.ema is not None)
             warning = checkpoint.disk_warning(self.checkpoints_dir, size, config.keep_last)
             if warning:
                 self.console.print(warning)
@@ -124,24 +133,16 @@ class Trainer:
     def train(self) -> int:
         """Run to the end (exit status 0), or until a signal (128 + its number, after saving)."""
         config, progress = self.config, self.progress
-        while progress.epoch < config.epochs:
-            signum = self.train_epoch(progress.epoch)
+        while progress.epoch < config.epochs and not self._reached_max_steps():
+            signum = self.train_epoch()
+            epoch_done = progress.batch >= self.steps_per_epoch
+            if not signum or epoch_done:  # a signal mid-epoch saves at once; at an epoch's end, after evaluating
+                self.evaluate_and_record(epoch_done)
+            self.save_checkpoint()
             if signum:
-                self.save_checkpoint()
                 self.console.print(f"stopped at step {progress.step}; resume with --resume auto "
                                    f"--output-dir {self.output_dir}")
                 return 128 + signum
-            if self._reached_max_steps() and progress.batch < self.steps_per_epoch:
-                self.evaluate_and_record(epoch_done=False)
-                self.save_checkpoint()
-                break
-            self.evaluate_and_record(epoch_done=True)
-            self.save_checkpoint()
-            signum = self.stop.agree()
-            if signum:
-                return 128 + signum
-            if self._reached_max_steps():
-                break
         self.console.ranks(self._rank_rows())
         best = max(progress.history, key=lambda r: r["eval_accuracy"], default=None)
         if best:
@@ -150,63 +151,70 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return 0
 
-    def train_epoch(self, epoch: int, until_step: int = 0) -> int | None:
-        """Train from the saved position to the end of `epoch`, or to global step `until_step` (else
-        `max_steps`) if that comes first. Returns the signal number if one arrived."""
+    def train_epoch(self) -> int | None:
+        """Train from the saved position to the end of the epoch, or to `max_steps` if that comes first, or until
+        the processes agree to stop. Returns the signal that stopped it, if one did."""
         config, progress = self.config, self.progress
-        until_step = until_step or config.max_steps
-        self.console.epoch_started(epoch, config.epochs, self.steps_per_epoch, progress.batch)
+        self.console.epoch_started(progress.epoch, config.epochs, self.steps_per_epoch, progress.batch)
         self.model.train()
         devices.synchronize(self.accelerator.device)
-        started = time.perf_counter()
+        started = self._window_started = time.perf_counter()
         saving_seconds = 0.0
-        epoch_images = local_images = local_steps = 0
-        signum = None
-        for images, labels in self.train_batches.epoch(epoch, start_batch=progress.batch):
-            signum, loss_sum, count = self.train_step(images, labels)
-            progress.step += 1
-            progress.batch += 1
-            progress.epoch_loss_sum += loss_sum
-            progress.epoch_images += count
-            epoch_images += count
+        local_images = local_steps = 0
+        epoch_images_before = progress.epoch_images
+        for images, labels in self.train_batches.epoch(progress.epoch, start_batch=progress.batch):
+            self._step(images, labels)
             local_images += len(labels)
             local_steps += 1
-
-            # --- report: the live bar every step, the logs every log_every_steps ---
-            at_log_step = progress.step % config.log_every_steps == 0
-            rate = epoch_images / (time.perf_counter() - started - saving_seconds) if at_log_step else None
-            self.console.step(progress.batch, loss_sum / count, rate)
-            if at_log_step and self.tensorboard:
-                self.tensorboard.log({"train/loss": loss_sum / count, "train/lr": self.scheduler.get_last_lr()[0],
-                                      "perf/images_per_sec": rate}, progress.step)
-            if signum or (until_step and progress.step >= until_step):
+            if self._stop_signal() or self._reached_max_steps():
                 break
             if config.checkpoint_every_steps and progress.step % config.checkpoint_every_steps == 0:
                 saving_started = time.perf_counter()
                 self.save_checkpoint()
                 saving_seconds += time.perf_counter() - saving_started
-        devices.synchronize(self.accelerator.device)
+                self._window_started += time.perf_counter() - saving_started
+        self._sync()  # the epoch's last loss sums, and a last word on stopping
         seconds = time.perf_counter() - started - saving_seconds
         self.session["images"] += local_images
         self.session["seconds"] += seconds
         self.session["steps"] += local_steps
-        self.epoch_rate = self._global_rate(local_images, seconds)
         self.epoch_seconds = seconds
-        return signum
+        self.epoch_rate = (progress.epoch_images - epoch_images_before) / max(self._slowest(seconds), 1e-9)
+        return self._stop_signal()
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[int | None, float, int]:
-        """One optimizer step on this process's batch. Returns, agreed by all processes: the signal any of
-        them received (or None), and the step's loss summed over all processes' images, and their count."""
+    def train_steps(self, count: int) -> None:
+        """Run `count` steps of the loop exactly as `train()` runs them (the data path, the step, the sync points
+        at log steps), from the current position and on into the next epoch as needed, without evaluating or
+        saving. For benchmarks: the caller times it."""
+        self.model.train()
+        progress, done = self.progress, 0
+        self._window_started = time.perf_counter()
+        while done < count:
+            if progress.batch >= self.steps_per_epoch:
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+            for images, labels in self.train_batches.epoch(progress.epoch, start_batch=progress.batch):
+                self._step(images, labels)
+                done += 1
+                if done == count:
+                    break
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step of the loop: the optimizer step, the position, the live bar, and at log steps the logs."""
+        self.train_step(images, labels)
+        progress = self.progress
+        progress.step += 1
+        progress.batch += 1
+        self.console.advance(progress.batch)
+        if progress.step % self.config.log_every_steps == 0:
+            self._log()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step on this process's batch. It only queues work on the device: the loss is added to
+        the tally there, and a non-finite one makes the optimizer skip the update there; both are read at the
+        next sync point."""
         loss = self.forward_backward(images, labels)
-        loss_value = loss.item()  # CPU-GPU sync: the finiteness check must precede the optimizer step
-        bad_ranks, signum, loss_sum, count = self.stop.agree_step(math.isfinite(loss_value),
-                                                                  loss_value * len(labels), len(labels))
-        if bad_ranks:
-            raise NonFiniteLoss(f"loss is not finite at step {self.progress.step + 1} (rank "
-                                f"{', '.join(map(str, bad_ranks))}): stopped before the optimizer step; the "
-                                f"last checkpoint in {self.checkpoints_dir} holds finite weights")
-        self.optimizer_step()
-        return signum, loss_sum, count
+        not_finite = self.tally.add(loss, len(labels))
+        self.optimizer_step(not_finite)
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)  # (B, 10); autocast to `precision` by Accelerate, outputs in fp32
@@ -214,24 +222,68 @@ class Trainer:
         self.accelerator.backward(loss)  # DDP averages the gradients across processes here
         return loss.detach()
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, not_finite: torch.Tensor | None = None) -> None:
         if self.config.grad_clip:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.accelerator.clip_grad_norm_(self.network.parameters(), self.config.grad_clip)
+        if self._skip_on_device and not_finite is not None:
+            self.optimizer.optimizer.found_inf = not_finite  # read by the fused kernel: 1.0 skips the update
+        scaler = self.accelerator.scaler
+        scale = scaler._scale.clone() if scaler is not None else None  # noqa: SLF001 - no sync, unlike get_scale()
         self.optimizer.step()
-        if self.optimizer.step_was_skipped:  # fp16: the gradient scaler found inf/NaN gradients
-            self.skipped_steps += 1
-            if self.tensorboard:
-                self.tensorboard.log({"train/skipped_steps": self.skipped_steps}, self.progress.step + 1)
+        if scaler is not None:
+            # the scaler lowers its scale exactly when it skips a step for inf/NaN gradients (Accelerate's
+            # step_was_skipped is always False with fused optimizers)
+            self.tally.add_skipped(scaler._scale < scale)  # noqa: SLF001
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
-            self.ema.update(self.accelerator.unwrap_model(self.model), self.progress.step + 1)
+            self.ema.update(self.network, self.progress.step + 1)
 
+    # ------------------------------------------------------------------ sync points
+    def _sync(self) -> float | None:
+        """A sync point, reached at the same step by every process: read the tally (the one host sync), add every
+        process's sums into the epoch's, stop if any loss was not finite, and agree on a stop signal. Returns the
+        mean training loss of all processes since the last sync point (None if no step ran)."""
+        reading, signum = self.tally.read(), self.stop.signum
+        every = gather_object([(reading, signum)]) if self.world_size > 1 else [(reading, signum)]
+        bad = [(rank, r.first_bad_step) for rank, (r, _) in enumerate(every) if r.first_bad_step]
+        if bad:
+            raise NonFiniteLoss(f"loss is not finite at step {min(step for _, step in bad)} (rank "
+                                f"{', '.join(str(rank) for rank, _ in bad)}): training stopped and nothing from "
+                                f"that step on was saved; the last checkpoint in {self.checkpoints_dir} holds "
+                                f"finite weights")
+        loss_sum, images = sum(r.loss_sum for r, _ in every), sum(r.images for r, _ in every)
+        self.progress.epoch_loss_sum += loss_sum
+        self.progress.epoch_images += images
+        skipped = max(r.skipped_steps for r, _ in every)  # the same on every process: gradients are all-reduced
+        if skipped > self.progress.skipped_steps and self.tensorboard:
+            self.tensorboard.log({"train/skipped_steps": skipped}, self.progress.step)
+        self.progress.skipped_steps = max(self.progress.skipped_steps, skipped)
+        self.agreed_signal = self.agreed_signal or first_signal([s for _, s in every])
+        self._window_images = images
+        return loss_sum / images if images else None
+
+    def _log(self) -> None:
+        """At a log step: the loss and throughput of all processes since the last log, on the console and in
+        the trackers."""
+        loss = self._sync()
+        now = time.perf_counter()  # after the sync: the device has done all the work queued so far
+        rate = self._window_images / max(now - self._window_started, 1e-9)
+        self._window_started = now
+        self.console.log(self.progress.batch, loss, rate)
+        if self.tensorboard and loss is not None:
+            self.tensorboard.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                  "perf/images_per_sec": rate}, self.progress.step)
+
+    def _stop_signal(self) -> int | None:
+        """One process reads its own flag after every step; several act on what they agreed at a sync point."""
+        return self.stop.signum if self.world_size == 1 else self.agreed_signal
+
+    # ------------------------------------------------------------------ evaluation
     def evaluate_and_record(self, epoch_done: bool) -> None:
-        """Evaluate on the whole test set (exact across processes), log, and close the epoch if done."""
+        """Evaluate on the whole evaluation set (exact across processes), log, and close the epoch if done."""
         progress = self.progress
-        result = evaluate(self.evaluated_model(), self.eval_batches, self.accelerator,
-                          expected_count=self.eval_batches.total)
+        result = self.evaluate()
         record = {"epoch": progress.epoch + 1, "step": progress.step,
                   "train_loss": progress.epoch_loss_sum / max(progress.epoch_images, 1),
                   "eval_loss": result.loss, "eval_accuracy": result.accuracy, "eval_correct": result.correct,
@@ -254,94 +306,111 @@ class Trainer:
             progress.epoch_loss_sum, progress.epoch_images = 0.0, 0
         self.console.epoch_finished(record)
 
-    # ------------------------------------------------------------------ checkpoints
+    def evaluate(self) -> EvalResult:
+        """The weights in use (`evaluated_model`) on the whole evaluation set, exact across processes."""
+        return evaluate(self.evaluated_model(), self.eval_batches, self.accelerator,
+                        expected_count=self.eval_batches.total)
+
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 10) of the weights in use for a prepared batch, as evaluation computes them."""
+        model = self.evaluated_model()
+        was_training = model.training
+        model.eval()
+        with self.accelerator.autocast():
+            logits = model(images)
+        model.train(was_training)
+        return logits
+
+    def example_batch(self, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch prepared as the loop prepares it: (images (B, 1, S, S), labels (B,)) on the device."""
+        return next(iter(self.train_batches.epoch(0) if train else self.eval_batches))
+
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights evaluated and saved: their moving average if enabled, else the trained ones (never the
+        DDP wrapper: evaluation runs no collectives)."""
+        return self.ema.module if self.ema else self.network
+
+    # ------------------------------------------------------------------ state and checkpoints
+    def state_dict(self) -> Checkpoint:
+        """The whole state of the run, for a checkpoint. Every process calls it: each contributes its random
+        state."""
+        rng = gather_object([{"python": random.getstate(), "torch": devices.rng_state(self.accelerator.device)}])
+        scaler = self.accelerator.scaler
+        return Checkpoint(
+            weights=self.evaluated_model().state_dict(),  # what evaluation saw: for use and export
+            train_weights=self.network.state_dict() if self.ema else None,  # where training goes on from
+            trainer_state={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                           "scaler": scaler.state_dict() if scaler else None, "rng": rng,
+                           "ema_updates": self.ema.updates if self.ema else 0},
+            progress=self.progress, config=self.config.to_dict(),
+            meta={"world_size": self.world_size, "device": self.device_kind, "precision": self.precision})
+
+    def load_state_dict(self, state: Checkpoint) -> None:
+        """Continue from `state` (a loaded checkpoint); a UsageError if it is not a state of this run's recipe,
+        or stopped mid-epoch with another number of processes."""
+        source = state.path or "the checkpoint"
+        mismatches = resume_mismatches(state.config, self.config)
+        if state.meta.get("precision") != self.precision:
+            mismatches.append(f"precision: checkpoint {state.meta.get('precision')!r}, this run {self.precision!r}")
+        if mismatches:
+            raise UsageError(f"cannot resume from {source}: the config differs ({'; '.join(mismatches)}); "
+                             f"use the same values or start a new --output-dir")
+        same_world = state.meta.get("world_size") == self.world_size
+        if not same_world and state.progress.batch > 0:
+            raise UsageError(f"cannot resume {source} with {self.world_size} processes: it stopped mid-epoch "
+                             f"with {state.meta.get('world_size')}; use that many, or an end-of-epoch checkpoint")
+        trainer_state = state.trainer_state
+        if self.ema:
+            checkpoint.load_weights_into(self.ema.module, state.weights, Path(source) / checkpoint.WEIGHTS)
+            checkpoint.load_weights_into(self.network, state.train_weights, Path(source) / checkpoint.TRAIN_WEIGHTS)
+            self.ema.updates = trainer_state["ema_updates"]
+        else:
+            checkpoint.load_weights_into(self.network, state.weights, Path(source) / checkpoint.WEIGHTS)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if self.accelerator.scaler is not None and trainer_state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(trainer_state["scaler"])
+        if same_world and state.meta.get("device") == self.device_kind:
+            rng = trainer_state["rng"][self.rank]
+            random.setstate(rng["python"])
+            devices.set_rng_state(self.accelerator.device, rng["torch"])
+        else:
+            self.console.print(f"note: {source} was saved by {state.meta.get('world_size')} process(es) on "
+                               f"{state.meta.get('device')}; random state re-seeded for this run's processes")
+        self.progress = state.progress
+        self.last_saved_step = self.progress.step
+
     def save_checkpoint(self) -> None:
-        """Every process contributes its random state; the main process writes; all wait for it."""
+        """A sync point first (no non-finite step is ever saved); then every process contributes its state, the
+        main process writes, and all wait for it."""
         if self.progress.step == self.last_saved_step:
             return
-        rng = gather_object([{"python": random.getstate(), "torch": devices.rng_state(self.accelerator.device)}])
+        self._sync()
+        state = self.state_dict()
         if self.accelerator.is_main_process:
             if self.tensorboard:
                 # on disk before the checkpoint: a resume purges what comes after it, and must find all before it
                 self.tensorboard.flush()
-            scaler = self.accelerator.scaler
-            trained = self.accelerator.unwrap_model(self.model).state_dict()
-            checkpoint.save(
-                self.checkpoints_dir,
-                weights=self.evaluated_model().state_dict(),  # what evaluation saw: for use and export
-                train_weights=trained if self.ema else None,  # where training goes on from, when they differ
-                trainer_state={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                               "scaler": scaler.state_dict() if scaler else None, "rng": rng,
-                               "ema_updates": self.ema.updates if self.ema else 0},
-                progress=self.progress, config=self.config.to_dict(),
-                meta={"world_size": self.world_size, "device": self.device_kind, "precision": self.precision})
+            checkpoint.save(self.checkpoints_dir, state)
             best = checkpoint.step_dir(self.checkpoints_dir, self.progress.best_step)
             checkpoint.prune(self.checkpoints_dir, self.config.keep_last, keep=best)
         self.last_saved_step = self.progress.step
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> Path | None:
-        """Load the checkpoint named by `resume` (auto: the newest complete one that loads) on every process."""
-        config, acc = self.config, self.accelerator
-        chosen: list[Any] = [None]
-        if acc.is_main_process:
-            chosen[0] = self._pick_checkpoint()
-        broadcast_object_list(chosen)
-        if chosen[0] is None:
+        """Load the checkpoint `resume` names (auto: the newest complete one that loads): the main process chooses
+        (and has loaded it in choosing), the others load the one it chose."""
+        chosen: Checkpoint | None = None
+        path: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            chosen = checkpoint.choose_for_resume(self.checkpoints_dir, self.config.resume, self.console.print)
+            path[0] = str(chosen.path) if chosen else None
+        broadcast_object_list(path)
+        if path[0] is None:
             return None
-        loaded = checkpoint.load(Path(chosen[0]))
-        mismatches = resume_mismatches(loaded.config, config)
-        if loaded.meta.get("precision") != self.precision:
-            mismatches.append(f"precision: checkpoint {loaded.meta.get('precision')!r}, this run {self.precision!r}")
-        if mismatches:
-            raise UsageError(f"cannot resume from {loaded.path}: the config differs ({'; '.join(mismatches)}); "
-                             f"use the same values or start a new --output-dir")
-        same_world = loaded.meta.get("world_size") == self.world_size
-        if not same_world and loaded.progress.batch > 0:
-            raise UsageError(f"cannot resume {loaded.path} with {self.world_size} processes: it stopped mid-epoch "
-                             f"with {loaded.meta.get('world_size')}; use that many, or an end-of-epoch checkpoint")
-        state = loaded.trainer_state
-        model = acc.unwrap_model(self.model)
-        if self.ema:
-            checkpoint.load_weights_into(self.ema.module, loaded.weights, loaded.path / checkpoint.WEIGHTS)
-            checkpoint.load_weights_into(model, loaded.train_weights, loaded.path / checkpoint.TRAIN_WEIGHTS)
-            self.ema.updates = state["ema_updates"]
-        else:
-            checkpoint.load_weights_into(model, loaded.weights, loaded.path / checkpoint.WEIGHTS)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if acc.scaler is not None and state.get("scaler"):
-            acc.scaler.load_state_dict(state["scaler"])
-        if same_world and loaded.meta.get("device") == self.device_kind:
-            rng = state["rng"][self.rank]
-            random.setstate(rng["python"])
-            devices.set_rng_state(acc.device, rng["torch"])
-        else:
-            self.console.print(f"note: {loaded.path} was saved by {loaded.meta.get('world_size')} process(es) on "
-                               f"{loaded.meta.get('device')}; random state re-seeded for this run's processes")
-        self.progress = loaded.progress
-        self.last_saved_step = self.progress.step
-        return loaded.path
-
-    def evaluated_model(self) -> torch.nn.Module:
-        """The weights evaluated and saved: their moving average if enabled, else the trained ones (never the
-        DDP wrapper: evaluation runs no collectives)."""
-        return self.ema.module if self.ema else self.accelerator.unwrap_model(self.model)
-
-    def _pick_checkpoint(self) -> str | None:
-        config = self.config
-        if config.resume != "auto":
-            path = Path(config.resume)
-            checkpoint.load(path)  # raises CheckpointError naming the file
-            return str(path)
-        for path in checkpoint.latest(self.checkpoints_dir):
-            try:
-                checkpoint.load(path)
-                return str(path)
-            except CheckpointError as error:
-                self.console.print(f"warning: {error}; trying the previous checkpoint")
-        self.console.print(f"no complete checkpoint in {self.checkpoints_dir}: starting from scratch")
-        return None
+        self.load_state_dict(chosen or checkpoint.load(Path(path[0])))
+        return Path(path[0])
 
     # ------------------------------------------------------------------ helpers
     def _output_dir(self) -> Path:
@@ -356,19 +425,16 @@ class Trainer:
     def _reached_max_steps(self) -> bool:
         return bool(self.config.max_steps) and self.progress.step >= self.config.max_steps
 
-    def _global_rate(self, images: int, seconds: float) -> float:
-        """All processes' images over the slowest process's time."""
-        both = self.accelerator.gather(torch.tensor([[float(images), seconds]], device=self.accelerator.device))
-        return float(both[:, 0].sum() / both[:, 1].max().clamp(min=1e-9))
+    def _slowest(self, seconds: float) -> float:
+        """The longest of every process's `seconds`: throughput is all processes' images over the slowest time."""
+        return max(gather_object([seconds])) if self.world_size > 1 else seconds
 
     def _rank_rows(self) -> list[dict[str, Any]]:
-        mine = torch.tensor([[self.session["images"], self.session["seconds"], self.session["steps"]]],
-                            dtype=torch.float64 if self.accelerator.device.type != "mps" else torch.float32,
-                            device=self.accelerator.device)
-        rows = self.accelerator.gather(mine).cpu().tolist()
-        return [{"rank": rank, "images": int(images), "seconds": seconds,
-                 "images_per_sec": images / max(seconds, 1e-9), "step_ms": 1000 * seconds / max(steps, 1)}
-                for rank, (images, seconds, steps) in enumerate(rows)]
+        rows = gather_object([self.session]) if self.world_size > 1 else [self.session]
+        return [{"rank": rank, "images": row["images"], "seconds": row["seconds"],
+                 "images_per_sec": row["images"] / max(row["seconds"], 1e-9),
+                 "step_ms": 1000 * row["seconds"] / max(row["steps"], 1)}
+                for rank, row in enumerate(rows)]
 
     def _facts(self, precision_source: str) -> dict[str, Any]:
         acc = self.accelerator
