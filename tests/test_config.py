@@ -220,7 +220,7 @@ def test_config_device_is_refused():
 def test_config_fifo_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     fifo = tmp_path / "c.yaml"
     os.mkfifo(fifo)
-    result = run_module("toolkit.train", "--config", str(fifo), timeout=120)
+    result = run_module("toolkit.train", "--config", str(fifo), timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"toolkit.train: error: config file {fifo} is a FIFO (named pipe), not a regular file: give a YAML file"]
