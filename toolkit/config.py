@@ -3,6 +3,9 @@
 Precedence, lowest to highest: these defaults < the YAML file given with `--config` < command-line flags.
 YAML keys and flags are the same words (`batch_size:` in a file, `--batch-size` or `--batch_size` on the
 command line). Unknown keys and bad values stop the run with one line naming the key.
+
+Every TrainConfig is checked when it is built, however it is built (`TrainConfig(...)`, `dataclasses.replace`,
+`from_dict`, `parse_args`): the rules of a key sit in its field, and `_checked` is the one place that applies them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import argparse
 import dataclasses
 import difflib
 import math
-from collections.abc import Iterable
+import re
+import reprlib
+import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,18 +31,79 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 INITS = ("kaiming", "default")
-# Keys that may differ between a checkpoint and the run resuming it: they change where things go and how
-# often they are reported, not what is computed. Any other difference stops a resume.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive")
+# The trainer seeds numpy with seed + rank (numpy takes < 2**32) and torch with seed * 1_000_003 + epoch
+# (< 2**64): at most 2**31 - 1 leaves both valid for any number of processes.
+MAX_SEED = 2**31 - 1
+# A longer wait overflows timers (threading takes at most ~292 years) and is no limit anyway.
+MAX_TIME_LIMIT_S = 365 * 86400
+# Keys that may differ between a checkpoint and the run resuming it: they change where things go, how often
+# they are reported or evaluated, when the run stops and how fast it runs, not what a step computes. Any other
+# difference stops a resume.
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "download", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_last", "resume",
-    "dist_timeout_s", "cpu_threads", "max_steps",
+    "dist_timeout_s", "cpu_threads", "max_steps", "compile", "eval_every_steps", "target_accuracy",
+    "early_stop_patience", "time_limit", "profile_steps", "log_with",
 })
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in a `time_limit` such as 90m, 3h, 1h30m, 45s or 2d (units in that order: d, h, m, s); '' (no
+    limit) is math.inf, so `elapsed > parse_duration(...)` needs no branch. UsageError if it is not a duration,
+    or not in (0, 365d]."""
+    if text == "":
+        return math.inf
+    match = re.fullmatch(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", text)
+    if not match or not any(match.groups()):
+        raise UsageError(f"time_limit: {_shown(text)} is not a duration: write it like 90m, 3h, 1h30m, 45s or 2d")
+    # float(), not int(): a number of any length converts (to inf at worst) and is then refused as too long
+    units = (86400, 3600, 60, 1)  # d, h, m, s
+    seconds = sum(float(count) * unit for count, unit in zip(match.groups(), units, strict=True) if count)
+    if seconds <= 0:
+        raise UsageError(f"time_limit: must be greater than 0, got {_shown(text)}")
+    if seconds > MAX_TIME_LIMIT_S:
+        raise UsageError(f"time_limit: must be at most 365d, got {_shown(text)}")
+    return seconds
+
+
+def parse_step_range(text: str) -> tuple[int, int] | None:
+    """(A, B) of a `profile_steps` 'A:B', optimizer steps counted from 1, both included; None for '' (off).
+    UsageError unless 1 <= A <= B."""
+    if text == "":
+        return None
+    match = re.fullmatch(r"([0-9]{1,18}):([0-9]{1,18})", text)
+    if not match:
+        raise UsageError(f"profile_steps: {_shown(text)} is not a step range: write A:B, e.g. 10:20")
+    first, last = int(match[1]), int(match[2])
+    if first < 1:
+        raise UsageError(f"profile_steps: steps count from 1, got {_shown(text)}")
+    if first > last:
+        raise UsageError(f"profile_steps: the first step must not come after the last, got {_shown(text)}")
+    return first, last
+
+
+def parse_trackers(text: str) -> list[str]:
+    """The trackers named in a `log_with` ('tensorboard,wandb'), in order, each once; [] for 'none'."""
+    names = [name.strip() for name in text.split(",")]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name == "none":
+            raise UsageError(f"log_with: none stands alone, got {_shown(text)}")
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(f"log_with: {_shown(name)} is not one of {', '.join(TRACKERS)}, or none{hint}")
+    return list(dict.fromkeys(names))
+
+
 def _option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-            below: float | None = None, positive: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "below": below,
-                                            "positive": positive})
+            maximum: float | None = None, below: float | None = None, positive: bool = False,
+            parse: Callable[[str], Any] | None = None) -> Any:
+    """A field and its rules: `choices`, bounds (`minimum` and `maximum` included, `below` excluded, `positive`:
+    above 0), or `parse`, a function that raises UsageError on text the key does not take."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
+                                            "below": below, "positive": positive, "parse": parse})
 
 
 @dataclass(frozen=True)
@@ -63,8 +130,10 @@ class TrainConfig:
     epochs: int = _option(8, "passes over the training data", positive=True)
     max_steps: int = _option(0, "stop after this many optimizer steps (0 = no cap); the LR schedule still "
                                 "spans `epochs`", minimum=0)
-    batch_size: int = _option(128, "images per process per step; the global batch is this x processes",
-                              positive=True)
+    batch_size: int = _option(128, "images per process per micro-batch; the global batch is this x processes x "
+                                   "grad_accum_steps", positive=True)
+    grad_accum_steps: int = _option(1, "micro-batches per optimizer step: gradients accumulate over this many "
+                                       "batches (1 = a step per batch)", positive=True)
     eval_batch_size: int = _option(500, "images per process per evaluation batch", positive=True)
     optimizer: str = _option("adamw", "adamw, or sgd (with `momentum`; plain SGD as the reference)",
                              choices=OPTIMIZERS)
@@ -81,6 +150,15 @@ class TrainConfig:
     ema_decay: float = _option(0.999, "evaluate and save an exponential moving average of the weights with this "
                                       "decay per step (0 = the weights themselves, as the reference)", minimum=0,
                               below=1)
+    # --- evaluation and stopping ---
+    eval_every_steps: int = _option(0, "evaluate every N optimizer steps (0 = once per epoch, at its end)",
+                                    minimum=0)
+    target_accuracy: float = _option(0.0, "stop with a checkpoint once an evaluation reaches this accuracy, a "
+                                          "fraction (0.99 = 99%; 0 = off)", minimum=0, maximum=1)
+    early_stop_patience: int = _option(0, "stop after N evaluations in a row without a new best accuracy "
+                                          "(0 = off)", minimum=0)
+    time_limit: str = _option("", "wall-clock limit of this run's process: 90m, 3h, 1h30m, 45s or 2d, at most 365d "
+                                  "('' = none)", parse=parse_duration)
     # --- hardware and reproducibility ---
     device: str = _option("auto", "auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     precision: str = _option("auto", "no, fp16 or bf16; auto = `accelerate launch --mixed_precision` if given, "
@@ -88,20 +166,32 @@ class TrainConfig:
                              choices=PRECISIONS)
     channels_last: str = _option("auto", "channels-last memory format: auto (on for CPU and CUDA, off for MPS), "
                                          "true or false", choices=("auto", "true", "false"))
+    compile: bool = _option(False, "torch.compile the model: a slower first step, faster steps after (a run "
+                                   "resumes from a checkpoint saved with or without it)")
     cpu_threads: int = _option(0, "torch threads per process on the CPU (0 = the cores divided by the local "
                                   "processes)", minimum=0)
-    seed: int = _option(0, "seed for initialisation, data order, augmentation and dropout", minimum=0)
+    seed: int = _option(0, f"seed for initialisation, data order, augmentation and dropout, 0 to {MAX_SEED} "
+                           f"(2**31 - 1: seed + rank must suit numpy)", minimum=0, maximum=MAX_SEED)
     deterministic: bool = _option(False, "use deterministic algorithms only (slower on GPUs)")
     dist_timeout_s: int = _option(600, "seconds a process waits in a collective for the others before the job "
                                        "fails", positive=True)
     # --- outputs ---
     output_dir: str = _option("", "run folder ('' = runs/<timestamp>)")
     log_every_steps: int = _option(50, "log the training loss every N steps", positive=True)
+    log_with: str = _option("tensorboard", f"trackers to log to, comma-separated: {', '.join(TRACKERS)}; "
+                                           f"or none", parse=parse_trackers)
     checkpoint_every_steps: int = _option(0, "also checkpoint every N steps (0 = at the end of each epoch "
                                              "only)", minimum=0)
     keep_last: int = _option(2, "keep this many recent checkpoints (the best one is kept apart)", positive=True)
     resume: str = _option("", "'' = start fresh; auto = the latest complete checkpoint in output_dir; "
                               "or a checkpoint folder")
+    profile_steps: str = _option("", "A:B = record optimizer steps A to B, both included (counted from 1, as "
+                                     "logged), with torch.profiler ('' = off)", parse=parse_step_range)
+
+    def __post_init__(self) -> None:
+        for key in FIELDS:
+            # frozen: the checked value (an int given for a float key becomes a float) goes in past __setattr__
+            object.__setattr__(self, key, _checked(key, getattr(self, key)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,61 +199,100 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
 
-def coerce(key: str, value: Any, source: str) -> Any:
-    """Check and convert one value to its field's type; raise UsageError naming the key and its source."""
-    if key not in FIELDS:
-        close = _close_key(key)
-        hint = f"; did you mean '{close}'?" if close else ""
-        raise UsageError(f"unknown key '{key}'{hint} ({source})")
+
+def _shown(value: Any) -> str:
+    """A value as Python writes it, cut short: an error stays one readable line."""
+    return _repr.repr(value)
+
+
+def _number(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def _checked(key: str, value: Any) -> Any:
+    """The value if it is a valid `key` (as a float for a float key), else UsageError naming the key. The one
+    place the rules of a key are applied, wherever its value comes from."""
     spec = FIELDS[key]
     kind = type(spec.default)
-    meta = spec.metadata
+    rule = spec.metadata
 
     def bad(expected: str) -> UsageError:
-        return UsageError(f"{key}: expected {expected}, got {value!r} ({source})")
+        return UsageError(f"{key}: expected {expected}, got {_shown(value)}")
 
     if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            value = value.lower() in ("true", "yes", "1")
         if not isinstance(value, bool):
             raise bad("true or false")
     elif kind is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise bad("an integer") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif kind is float:
-        # YAML 1.1 reads `1e-3` (no dot) as a string: accept any number written as text.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad("a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a finite number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            raise bad("a finite number") from None
+        if not math.isfinite(value):
+            raise bad("a finite number")
     else:
-        if isinstance(value, bool) and meta["choices"] and "true" in meta["choices"]:
-            value = "true" if value else "false"
-        if value is None:
-            value = ""
         if not isinstance(value, str):
             raise bad("text")
-        if meta["choices"] and value not in meta["choices"]:
-            close = difflib.get_close_matches(value, meta["choices"], n=1)
+        if rule["choices"] and value not in rule["choices"]:
+            close = difflib.get_close_matches(value, rule["choices"], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UsageError(f"{key}: '{value}' is not one of {', '.join(meta['choices'])}{hint} ({source})")
-    if meta["positive"] and value <= 0:
-        raise UsageError(f"{key}: must be greater than 0, got {value} ({source})")
-    if meta["minimum"] is not None and value < meta["minimum"]:
-        raise UsageError(f"{key}: must be at least {meta['minimum']:g}, got {value} ({source})")
-    if meta["below"] is not None and value >= meta["below"]:
-        raise UsageError(f"{key}: must be less than {meta['below']:g}, got {value} ({source})")
+            raise UsageError(f"{key}: {_shown(value)} is not one of {', '.join(rule['choices'])}{hint}")
+        if rule["parse"]:
+            rule["parse"](value)
+        return value
+    if rule["positive"] and value <= 0:
+        raise UsageError(f"{key}: must be greater than 0, got {_shown(value)}")
+    if rule["minimum"] is not None and value < rule["minimum"]:
+        raise UsageError(f"{key}: must be at least {_number(rule['minimum'])}, got {_shown(value)}")
+    if rule["maximum"] is not None and value > rule["maximum"]:
+        raise UsageError(f"{key}: must be at most {_number(rule['maximum'])}, got {_shown(value)}")
+    if rule["below"] is not None and value >= rule["below"]:
+        raise UsageError(f"{key}: must be less than {_number(rule['below'])}, got {_shown(value)}")
     return value
+
+
+def _from_text(key: str, value: Any) -> Any:
+    """What a flag or a YAML file gives, as its key's type where the text says one clearly; anything else is left
+    for `_checked` to refuse."""
+    spec = FIELDS[key]
+    kind = type(spec.default)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off",
+                                                                     "1", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    if kind in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as text: any number written as text is taken
+        try:
+            return kind(value)
+        except ValueError:
+            return value
+    if kind is str:
+        if isinstance(value, bool) and spec.metadata["choices"] and "true" in spec.metadata["choices"]:
+            return "true" if value else "false"
+        if value is None:  # `key:` with nothing after it in YAML
+            return ""
+        if spec.metadata["parse"] and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `time_limit: 90` in YAML: refused by the key's own rule, which says why
+    return value
+
+
+def coerce(key: str, value: Any, source: str) -> Any:
+    """Convert one value from text (a flag, a YAML file) to its key's type and check it; raise UsageError naming
+    the key and its source."""
+    if key not in FIELDS:
+        close = _close_key(key)
+        hint = f"; did you mean '{close}'?" if close else ""
+        raise UsageError(f"unknown key {_shown(key)}{hint} ({source})")
+    try:
+        return _checked(key, _from_text(key, value))
+    except UsageError as error:
+        raise UsageError(f"{error} ({source})") from None
 
 
 def _close_key(key: str) -> str | None:
@@ -171,25 +300,98 @@ def _close_key(key: str) -> str | None:
     return close[0] if close else None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file {path} does not exist")
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `10:20` stays text: YAML 1.1 reads it as the base-60 number 620, which
+    would turn `profile_steps: 10:20` into a number."""
+
+    def resolve(self, kind: type, value: Any, implicit: Any) -> str:  # type: ignore[override]
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and ":" in value and tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+            return "tag:yaml.org,2002:str"
+        return tag
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines: anything larger is the wrong file
+_NOT_REGULAR = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _config_bytes(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES; a device, FIFO or socket is refused before it is
+    opened, as opening or reading one can block or never end (/dev/stdin, /dev/zero)."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise UsageError(f"config file {path} cannot be read ({error.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"config file {path} is a folder: give a YAML file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a file")
+        raise UsageError(f"config file {path} is {kind}, not a regular file: give a YAML file")
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"config file {path} cannot be read ({error.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: give a YAML config file")
+    return data
+
+
+def _yaml_text(value: Any) -> str:
+    """A key as the file wrote it (`null`, `1`, `true`), for messages."""
+    return _shown(value) if isinstance(value, (list, dict)) else yaml.safe_dump(value).splitlines()[0]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The keys and values of a YAML config file; UsageError, one line, for anything else a user may hand over: a
+    folder, a device, a FIFO, a binary or non-UTF-8 file, invalid YAML, a document that is not a mapping of names
+    to single values. An empty file holds no keys."""
+    path = Path(path)
+    data = _config_bytes(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UsageError(f"config file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at position "
+                         f"{error.start}, line {line})") from None
+    if "\0" in text:
+        raise UsageError(f"config file {path} is binary, not YAML text (a NUL byte at position {text.index(chr(0))})")
+    try:
+        values = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UsageError(f"config file {path} is not valid YAML{where}") from None
+    except RecursionError:
+        raise UsageError(f"config file {path} is nested too deeply to be a config") from None
+    except ValueError as error:  # PyYAML's constructors: a date like 2024-13-45, an integer of 5,000 digits
+        raise UsageError(f"config file {path} holds a value YAML cannot read ({str(error).split(';')[0]})") from None
+    if values is None:  # empty, or only comments
+        return {}
     if not isinstance(values, dict):
-        raise UsageError(f"config file {path} must be a mapping of keys to values")
+        held = "a list" if isinstance(values, list) else f"the single value {_yaml_text(values)}"
+        raise UsageError(f"config file {path} must be a mapping of keys to values (batch_size: 64, one a line), "
+                         f"not {held}")
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise UsageError(f"config file {path}: key {_yaml_text(key)} is not a name: keys are config names such "
+                             f"as batch_size")
+        if isinstance(value, (dict, list)):
+            kind = "a mapping" if isinstance(value, dict) else "a list"
+            raise UsageError(f"config file {path}: {key} holds {kind}; each key takes one value "
+                             f"(e.g. {key}: {_yaml_text(FIELDS[key].default) if key in FIELDS else '...'})")
     return values
 
 
 def from_dict(values: dict[str, Any], source: str, base: TrainConfig | None = None) -> TrainConfig:
     merged = (base or TrainConfig()).to_dict()
     for key, value in values.items():
-        merged[key] = coerce(str(key), value, source)
+        if not isinstance(key, str):
+            raise UsageError(f"key {_shown(key)} is not a config name ({source})")
+        merged[key] = coerce(key, value, source)
     return TrainConfig(**merged)
 
 
@@ -213,7 +415,7 @@ def build_parser(prog: str, description: str, keys: Iterable[str] | None = None)
     for name in keys or FIELDS:
         spec = FIELDS[name]
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        help_text = spec.metadata["help"] + f" [default: {spec.default!r}]"
+        help_text = (spec.metadata["help"] + f" [default: {spec.default!r}]").replace("%", "%%")  # argparse formats it
         if type(spec.default) is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -234,9 +436,16 @@ def parse_args(argv: list[str] | None, prog: str = "toolkit.train",
     flags = vars(args)
     config_path = flags.pop("config", None)
     config = TrainConfig()
-    if config_path:
+    if config_path == "":
+        raise UsageError("--config: give the path of a YAML file, got ''")
+    if config_path is not None:
         config = from_dict(read_yaml(config_path), source=str(config_path))
-    return from_dict({k: v for k, v in flags.items()}, source="command line", base=config)
+    return from_dict(flags, source="command line", base=config)
+
+
+def trackers(config: TrainConfig) -> list[str]:
+    """The trackers of `log_with`, in order, each once; [] for none."""
+    return parse_trackers(config.log_with)
 
 
 def to_yaml(config: TrainConfig) -> str:
@@ -244,7 +453,8 @@ def to_yaml(config: TrainConfig) -> str:
 
 
 def resume_mismatches(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run, other than RESUMABLE_CHANGES."""
+    """Keys whose values differ between a checkpoint's config and this run, other than RESUMABLE_CHANGES. A key
+    the checkpoint does not hold (saved before the key existed) had its default."""
     now = current.to_dict()
-    return [f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
-            for key in now if key not in RESUMABLE_CHANGES and saved.get(key, now[key]) != now[key]]
+    return [f"{key}: checkpoint {saved.get(key, FIELDS[key].default)!r}, this run {now[key]!r}"
+            for key in now if key not in RESUMABLE_CHANGES and saved.get(key, FIELDS[key].default) != now[key]]
