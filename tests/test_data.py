@@ -106,3 +106,46 @@ def test_batches_cover_the_shard_and_resume_mid_epoch():
     assert [y.tolist() for _, y in batches.epoch(0, start_batch=2)] == full[2:]
     evaluation = EvalBatches(images, labels, batch_size=4, preprocess=Preprocess(65), rank=1, world_size=3)
     assert [y.tolist() for _, y in evaluation] == [[3, 4, 5]]
+
+
+def _border_shift(x: torch.Tensor, shift_px: float) -> torch.Tensor:
+    """The reference: the shift as it was written first, with padding_mode="border" (which MPS lacks before
+    torch 2.13). It draws its random offsets exactly as `_shift` does."""
+    batch = x.shape[0]
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    theta[:, :, 2] = (torch.rand(batch, 2) * 2 - 1) * (shift_px * 2 / 28)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def test_random_shift_equals_border_padding_without_using_it(monkeypatch):
+    from toolkit.data import _shift
+
+    # Random pixels up to the edges, so that what fills the vacated edge shows; shifts of up to 6 pixels, so
+    # every image samples outside the source.
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=generator)
+    x = (images.unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD
+    torch.manual_seed(1)
+    reference = _border_shift(x, shift_px=6)
+    modes = []
+    grid_sample = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: modes.append(k["padding_mode"]) or grid_sample(*a, **k))
+    torch.manual_seed(1)
+    shifted = _shift(x, shift_px=6)
+    assert modes == ["zeros"]  # the one mode every backend has
+    # Equal because border padding clamps each sampling position to the outermost pixel centres, and bilinear
+    # sampling exactly at a pixel centre gives that pixel with weight 1 (its out-of-image neighbour, zero under
+    # zero padding, has weight 0). Clamping the grid to ±(1 - 1/28) first is that clamp, in grid coordinates;
+    # the float rounding of 1 - 1/28 is all that is left.
+    torch.testing.assert_close(shifted, reference, rtol=0, atol=1e-5)
+    # ... and the comparison has teeth: plain zero padding would differ at the edges by whole pixel values.
+    torch.manual_seed(1)
+    theta = torch.zeros(64, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = (torch.rand(64, 2) * 2 - 1) * (6 * 2 / 28)
+    zeros = grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    assert (zeros - reference).abs().amax() > 1
+

@@ -114,16 +114,22 @@ class Preprocess:
 
 def _shift(x: torch.Tensor, shift_px: float) -> torch.Tensor:
     """Translate each 28x28 image by its own random offset, uniform in [-shift_px, shift_px] pixels each way,
-    with one bilinear grid sample at the source size (64x cheaper than at 224 px); the border (background)
-    fills in the vacated edge."""
-    batch = x.shape[0]
+    with one bilinear grid sample at the source size (64x cheaper than at 224 px); the edge pixels (background)
+    fill in the vacated edge."""
+    batch, _, height, width = x.shape
     theta = torch.zeros(batch, 2, 3, device=x.device)
     theta[:, 0, 0] = 1
     theta[:, 1, 1] = 1
     # affine_grid coordinates span [-1, 1] over the image: one pixel is 2/28
     theta[:, :, 2] = (torch.rand(batch, 2, device=x.device) * 2 - 1) * (shift_px * 2 / SOURCE_SIZE)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, 28, 28, 2): x then y, in [-1, 1]
+    # Repeat the edge pixels, the same as padding_mode="border", which MPS lacks before torch 2.13
+    # (pytorch#125098): hold every coordinate at the outermost pixel centres, 1 - 1/size with
+    # align_corners=False, where bilinear sampling gives the edge pixel itself (as in kornia#4073).
+    # (Python-number bounds: a bound tensor made here would be a host-to-device copy, and a sync, per batch.)
+    grid[..., 0].clamp_(-(1 - 1 / width), 1 - 1 / width)
+    grid[..., 1].clamp_(-(1 - 1 / height), 1 - 1 / height)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:
