@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -206,3 +208,34 @@ def test_fused_sgd_is_not_used_where_an_overflow_corrupts_it(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
 
+
+@pytest.fixture
+def process_switches(monkeypatch):
+    """configure() with its process-wide effects recorded instead of made: (calls, environment)."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode: calls.append((mode, os.environ.get(devices.CUBLAS_WORKSPACE_ENV))))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.delenv(devices.CUBLAS_WORKSPACE_ENV, raising=False)
+    return calls
+
+
+def test_deterministic_cuda_sets_the_cublas_workspace_first(process_switches, monkeypatch):
+    devices.configure("cuda", deterministic=False, cpu_threads=0, local_processes=1)
+    assert devices.CUBLAS_WORKSPACE_ENV not in os.environ and torch.backends.cudnn.benchmark
+    devices.configure("cuda", deterministic=True, cpu_threads=0, local_processes=1)
+    # set by the time deterministic algorithms are switched on, before any model or batch exists
+    assert process_switches == [(False, None), (True, ":4096:8")]
+    assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":4096:8" and not torch.backends.cudnn.benchmark
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":16:8")  # the other accepted value is kept
+    devices.configure("cuda", deterministic=True, cpu_threads=0, local_processes=1)
+    assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":16:8"
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":0:0")
+    with pytest.raises(UsageError, match="deterministic on cuda needs CUBLAS_WORKSPACE_CONFIG set to :4096:8 or "
+                                         ":16:8, and the environment sets it to ':0:0'"):
+        devices.configure("cuda", deterministic=True, cpu_threads=0, local_processes=1)
+
+
+def test_deterministic_elsewhere_leaves_cublas_alone(process_switches):
+    devices.configure("mps", deterministic=True, cpu_threads=0, local_processes=1)
+    assert process_switches == [(True, None)] and devices.CUBLAS_WORKSPACE_ENV not in os.environ

@@ -24,6 +24,8 @@ from toolkit.errors import UsageError
 DEVICE_ORDER = ("cuda", "mps", "cpu")
 PRECISIONS = ("no", "fp16", "bf16")
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")  # the two values PyTorch's reproducibility notes accept
 # The optimizers the trainer builds, and the first torch release with each one's fused kernel on MPS:
 # AdamW in pytorch#127242 (2.4), SGD in pytorch#129350 (2.5). CUDA and the CPU have both in every allowed torch.
 FUSED_ON_MPS_SINCE = {"adamw": "2.4", "sgd": "2.5"}
@@ -203,13 +205,23 @@ def build_accelerator(device: str, precision: str, timeout_s: int = 600) -> Acce
 def configure(device: str, deterministic: bool, cpu_threads: int, local_processes: int) -> None:
     """Process-wide switches: determinism, cuDNN autotuning and the CPU thread count.
 
+    Deterministic on CUDA sets CUBLAS_WORKSPACE_CONFIG (PyTorch raises on a cuBLAS call without it). It must be
+    set before the process's first cuBLAS call: PyTorch reads it once, when it allocates the first cuBLAS
+    workspace (`getChosenWorkspaceSize` in CublasHandlePool.cpp keeps it in a static). Call this right after
+    `build_accelerator` and before the model is built: building the Accelerator only sets the device and joins
+    the process group, which makes no cuBLAS call.
+
     `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which halves CPU training speed on a
     2-core machine: on the CPU the thread count is set here explicitly."""
+    if device == "cuda" and deterministic:
+        workspace = os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACES[0])
+        if workspace not in DETERMINISTIC_CUBLAS_WORKSPACES:
+            raise UsageError(f"deterministic on cuda needs {CUBLAS_WORKSPACE_ENV} set to "
+                             f"{' or '.join(DETERMINISTIC_CUBLAS_WORKSPACES)}, and the environment sets it to "
+                             f"'{workspace}': unset it, or turn deterministic off")
     torch.use_deterministic_algorithms(deterministic)
     if device == "cuda":
         torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: autotuning pays off
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device == "cpu":
         torch.set_num_threads(cpu_threads or max(1, _usable_cores() // max(1, local_processes)))
         _keep_freed_memory()
