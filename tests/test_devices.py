@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -84,3 +86,156 @@ def test_rng_state_round_trip_on_cpu():
     first = torch.rand(3)
     devices.set_rng_state("cpu", state)
     assert torch.equal(torch.rand(3), first)
+
+
+def _gpu(native: bool, emulated: bool):
+    """A fake `torch.cuda.is_bf16_supported` for a GPU with or without native bf16 (Ampere on) and with or
+    without PyTorch's emulated bf16 (a V100 or T4 says yes to the default call)."""
+    return lambda including_emulation=True: native or (including_emulation and emulated)
+
+
+def test_cuda_bf16_only_where_native(monkeypatch, cpu_only):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", _gpu(native=False, emulated=True))  # a V100 or T4
+    assert devices.supported_precisions("cuda") == ("no", "fp16")
+    assert devices.resolve_precision("cuda", "auto") == ("no", "auto for cuda")
+    with pytest.raises(UsageError) as error:
+        devices.resolve_precision("cuda", "bf16")
+    assert str(error.value) == ("precision 'bf16' (config) is not supported on cuda: this GPU only emulates bf16 "
+                                "(compute capability below 8.0): cuDNN has no bf16 convolutions there and it runs "
+                                "slower than fp32; supported: no, fp16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", _gpu(native=False, emulated=False))
+    with pytest.raises(UsageError, match="this GPU cannot compute in bf16"):
+        devices.resolve_precision("cuda", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", _gpu(native=True, emulated=True))  # an A100 or H100
+    assert devices.supported_precisions("cuda") == ("no", "fp16", "bf16")
+    assert devices.resolve_precision("cuda", "auto") == ("bf16", "auto for cuda")
+
+
+@pytest.mark.parametrize("version, older", [("2.7.1", True), ("2.8.0.dev20250601", True), ("2.8.0", False),
+                                            ("2.8.0+cpu", False), ("2.14.1+cu130", False)])
+def test_torch_versions_compare_as_accelerate_does(monkeypatch, version, older):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert devices._torch_at_least("2.8") is not older
+
+
+def test_mps_precisions_by_torch_and_macos(monkeypatch, cpu_only):
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
+    assert devices.supported_precisions("mps") == ("no", "bf16")
+    assert devices.resolve_precision("mps", "auto") == ("no", "auto for mps")
+    with pytest.raises(UsageError) as error:
+        devices.resolve_precision("mps", "fp16")
+    assert str(error.value) == ("precision 'fp16' (config) is not supported on mps: Accelerate's fp16 gradient "
+                                "scaler needs torch >= 2.8 on MPS, this is torch 2.7.1 (upgrade torch for fp16); "
+                                "supported: no, bf16")
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    assert devices.supported_precisions("mps") == ("no", "fp16", "bf16")
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: major < 14)  # macOS 13
+    assert devices.supported_precisions("mps") == ("no", "fp16")
+    with pytest.raises(UsageError, match="MPS computes bf16 from macOS 14 on; supported: no, fp16$"):
+        devices.resolve_precision("mps", "bf16")
+
+
+def test_compile_needs_metal_a_cpp_compiler_or_triton(monkeypatch):
+    import importlib.util
+    import shutil
+
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
+    with pytest.raises(UsageError, match="compile on mps needs torch >= 2.8.*this is torch 2.7.1"):
+        devices.check_compile("mps")
+    monkeypatch.setattr(torch, "__version__", "2.8.0")
+    devices.check_compile("mps")
+
+    real_which = shutil.which
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match="compile on cpu needs a C\\+\\+ compiler.* g\\+\\+ is not on PATH"):
+        devices.check_compile("cpu")
+    monkeypatch.setattr(shutil, "which", lambda name: real_which("sh") if name == "g++" else None)
+    devices.check_compile("cpu")
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else real_find_spec(name))
+    with pytest.raises(UsageError, match="compile on cuda needs the triton package"):
+        devices.check_compile("cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    devices.check_compile("cuda")
+
+
+@pytest.mark.parametrize("version, adamw, sgd", [("2.4.1", True, False), ("2.5.0", True, True),
+                                                 ("2.6.0", True, True), ("2.14.1", True, True)])
+def test_fused_optimizers_on_mps_by_torch_version(monkeypatch, version, adamw, sgd):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert devices.has_fused_optimizers("mps", "adamw") is adamw
+    assert devices.has_fused_optimizers("mps", "sgd", "bf16") is sgd
+    # under fp16 the gradient scaler's arguments break both on MPS: SGD refuses them, Adam(W) ignores them
+    assert not devices.has_fused_optimizers("mps", "adamw", "fp16")
+    assert not devices.has_fused_optimizers("mps", "sgd", "fp16")
+
+
+def test_fused_optimizers_on_cuda_and_cpu():
+    assert devices.has_fused_optimizers("cuda") and devices.has_fused_optimizers("cpu")  # the device-level answer
+    for device in ("cuda", "cpu"):
+        assert devices.has_fused_optimizers(device, "adamw", "fp16") and devices.has_fused_optimizers(device, "sgd")
+        assert not devices.has_fused_optimizers(device, "sgd", "fp16")
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        devices.has_fused_optimizers("cuda", "lion")
+
+
+def _steps_through_an_overflow(fused: bool) -> torch.Tensor:
+    """SGD with momentum, stepped the way a gradient scaler steps it (on the CPU, standing in for CUDA): a first
+    step whose gradients overflowed, then a normal one. Returns the parameters."""
+    param = torch.nn.Parameter(torch.ones(8))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9, nesterov=True, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for weight in (1e36, 1.0):  # 1e36 x the scale overflows float32
+        optimizer.zero_grad()
+        scaler.scale((param * weight).sum()).backward()
+        scaler.step(optimizer)  # a fused optimizer receives the overflow flag; the others are skipped
+        scaler.update()
+    return param.detach()
+
+
+def test_fused_sgd_is_not_used_where_an_overflow_corrupts_it(monkeypatch):
+    # With deterministic algorithms, torch.empty fills new memory with NaN: the uninitialised momentum shows.
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.isfinite(_steps_through_an_overflow(devices.has_fused_optimizers("cuda", "sgd", "fp16"))).all()
+        # Why: fused SGD allocates its momentum buffers with empty_like and returns on the overflowed first step
+        # before filling them. If this starts passing, torch has fixed it: fused SGD can come back under fp16.
+        assert not torch.isfinite(_steps_through_an_overflow(fused=True)).all()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def process_switches(monkeypatch):
+    """configure() with its process-wide effects recorded instead of made: (calls, environment)."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode: calls.append((mode, os.environ.get(devices.CUBLAS_WORKSPACE_ENV))))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.delenv(devices.CUBLAS_WORKSPACE_ENV, raising=False)
+    return calls
+
+
+def test_deterministic_cuda_sets_the_cublas_workspace_first(process_switches, monkeypatch):
+    devices.configure("cuda", deterministic=False, cpu_threads=0, local_processes=1)
+    assert devices.CUBLAS_WORKSPACE_ENV not in os.environ and torch.backends.cudnn.benchmark
+    devices.configure("cuda", deterministic=True, cpu_threads=0, local_processes=1)
+    # set by the time deterministic algorithms are switched on, before any model or batch exists
+    assert process_switches == [(False, None), (True, ":4096:8")]
+    assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":4096:8" and not torch.backends.cudnn.benchmark
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":16:8")  # the other accepted value is kept
+    devices.configure("cuda", deterministic=True, cpu_threads=0, local_processes=1)
+    assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":16:8"
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":0:0")
+    with pytest.raises(UsageError, match="deterministic on cuda needs CUBLAS_WORKSPACE_CONFIG set to :4096:8 or "
+                                         ":16:8, and the environment sets it to ':0:0'"):
+        devices.configure("cuda", deterministic=True, cpu_threads=0, local_processes=1)
+
+
+def test_deterministic_elsewhere_leaves_cublas_alone(process_switches):
+    devices.configure("mps", deterministic=True, cpu_threads=0, local_processes=1)
+    assert process_switches == [(True, None)] and devices.CUBLAS_WORKSPACE_ENV not in os.environ

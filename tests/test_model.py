@@ -101,3 +101,49 @@ def test_summary_command_prints_shapes_parameters_and_flops():
     assert "forward 1.876" in result.stdout and "training step 5.561" in result.stdout
     small = run_module("toolkit.model", "--image-size", "28")
     assert small.returncode == 2 and "at least 65" in small.stdout + small.stderr
+
+
+def _pool_calls(model: AlexNet, size: int) -> int:
+    calls = []
+    hook = model.avgpool.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        model(torch.rand(2, 1, size, size)).sum().backward()
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def test_pool_is_skipped_where_it_would_be_an_identity():
+    # At 224 px the features are 5x5 already. Skipping the pool there keeps deterministic CUDA training
+    # possible: AdaptiveAvgPool2d's CUDA backward raises under torch.use_deterministic_algorithms.
+    model = build_model()
+    assert _pool_calls(model, 224) == 0
+    assert _pool_calls(model, 96) == 1
+    assert "avgpool" in dict(model.named_children())  # the module stays, for names and the reference mapping
+
+
+@pytest.mark.parametrize("in_size", [1, 2, 3, 4, 5, 6, 7, 8, 13])
+def test_matmul_pool_equals_adaptive_avg_pool_with_its_gradient(in_size):
+    from toolkit.model import adaptive_avg_pool_by_matmul
+
+    x = torch.randn(3, 4, in_size, in_size + 2, requires_grad=True)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, 5)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    pooled = adaptive_avg_pool_by_matmul(x, 5)
+    (grad,) = torch.autograd.grad(pooled.square().sum(), x)
+    # equal up to the order of float additions
+    torch.testing.assert_close(pooled, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic_cuda_pools_by_matmul(monkeypatch):
+    import toolkit.model
+
+    model = build_model().eval()
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        native = model(x)
+    monkeypatch.setattr(toolkit.model, "_native_pool_raises", lambda features: True)  # as on CUDA, deterministic
+    assert _pool_calls(model, 96) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), native, rtol=0, atol=1e-6)

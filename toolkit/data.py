@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -48,24 +49,85 @@ def missing_files_message(root: Path) -> str:
             f"{root / 'MNIST' / 'raw'}, or point --data-dir / ${DATA_DIR_ENV} at the folder that holds MNIST/")
 
 
+# IDX headers: a big-endian magic number 0x0000TTDD (TT: 0x08 = uint8, DD: the number of dimensions), then
+# each dimension as a big-endian uint32, then the data, row-major.
+IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions: count, rows, columns
+LABELS_MAGIC = 0x00000801  # uint8, 1 dimension: count
+NUM_CLASSES = 10
+
+
 def load_mnist(root: Path, train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) of one split, read by torchvision from
-    root/MNIST/raw/, downloaded there first when missing and `download` is set."""
+    """(images uint8 (N, 28, 28), labels int64 (N,)) of one split, read from root/MNIST/raw/ after checking
+    both files' IDX headers, sizes, counts and labels (a DataError naming the file says what is wrong).
+    torchvision downloads the files there first when they are missing and `download` is set."""
+    raw = root / "MNIST" / "raw"
+    if not mnist_present(root):
+        if not download:
+            raise DataError(missing_files_message(root))
+        _download(root)
+    prefix = "train" if train else "t10k"
+    images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    images = _read_idx(images_path, IMAGES_MAGIC)
+    labels = _read_idx(labels_path, LABELS_MAGIC)
+    if images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE):
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]} pixels, "
+                        f"MNIST's are {SOURCE_SIZE}x{SOURCE_SIZE}")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels):,} labels but {len(images):,} images in {images_path.name}")
+    bad = (labels >= NUM_CLASSES).nonzero()
+    if len(bad):
+        index = int(bad[0])
+        raise DataError(f"{labels_path}: label {int(labels[index])} at index {index:,} is outside "
+                        f"0-{NUM_CLASSES - 1} ({len(bad):,} such labels)")
+    return images, labels.long()
+
+
+def _download(root: Path) -> None:
+    """Fetch the four files into root/MNIST/raw/ with torchvision; the missing-files error if they are not all
+    there afterwards."""
     from torchvision.datasets import MNIST
 
-    raw = root / "MNIST" / "raw"
-    present = mnist_present(root)
-    if not present and not download:
-        raise DataError(missing_files_message(root))
     try:
         # torchvision reports its download attempts on stdout; keep them off the console unless they fail.
         with contextlib.redirect_stdout(io.StringIO()):
-            dataset = MNIST(str(root), train=train, download=download and not present)
-    except (RuntimeError, OSError) as error:
-        if not present:
-            raise DataError(missing_files_message(root)) from None
-        raise DataError(f"cannot read MNIST in {raw}: {error}") from None
-    return dataset.data, dataset.targets
+            MNIST(str(root), train=True, download=True)
+    except (RuntimeError, OSError, ValueError):
+        pass  # judged by what is on disk now: the files' contents are checked when they are read
+    if not mnist_present(root):
+        raise DataError(missing_files_message(root))
+
+
+def _read_idx(path: Path, magic: int) -> torch.Tensor:
+    """The uint8 array in the IDX file `path`, after checking that its header has `magic` and that the file
+    holds exactly the bytes the header announces."""
+    kinds = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}
+    kind, dims = kinds[magic], magic & 0xFF
+    try:
+        data = bytearray(path.read_bytes())  # writable, so torch.frombuffer can share it without a warning
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror}") from None
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes): delete it to download MNIST again, or replace it")
+    if data[:2] == b"\x1f\x8b":
+        raise DataError(f"{path}: gzip-compressed: uncompress it (gunzip) in place")
+    header_bytes = 4 + 4 * dims  # the magic number, then one uint32 per dimension
+    found = struct.unpack_from(">I", data)[0] if len(data) >= 4 else None
+    if found != magic:
+        holds = f": it holds MNIST {kinds[found]}" if found in kinds else ""
+        described = "none (shorter than 4 bytes)" if found is None else f"0x{found:08x}"
+        raise DataError(f"{path}: magic number {described}, expected 0x{magic:08x} (MNIST {kind}: uint8, "
+                        f"{dims} dimension{'s' if dims > 1 else ''}){holds}")
+    if len(data) < header_bytes:
+        raise DataError(f"{path}: {len(data)} bytes, shorter than the {header_bytes}-byte header of MNIST {kind}")
+    shape = struct.unpack_from(f">{dims}I", data, 4)
+    expected = header_bytes + math.prod(shape)
+    if len(data) != expected:
+        state = "truncated" if len(data) < expected else "too long"
+        raise DataError(f"{path}: {len(data):,} bytes, but its header ({' x '.join(f'{n:,}' for n in shape)} "
+                        f"{kind}) makes {expected:,}: the file is {state}")
+    if expected == header_bytes:
+        raise DataError(f"{path}: holds no {kind}")
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header_bytes).view(shape)
 
 
 def write_idx(root: Path, train: bool, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -114,16 +176,22 @@ class Preprocess:
 
 def _shift(x: torch.Tensor, shift_px: float) -> torch.Tensor:
     """Translate each 28x28 image by its own random offset, uniform in [-shift_px, shift_px] pixels each way,
-    with one bilinear grid sample at the source size (64x cheaper than at 224 px); the border (background)
-    fills in the vacated edge."""
-    batch = x.shape[0]
+    with one bilinear grid sample at the source size (64x cheaper than at 224 px); the edge pixels (background)
+    fill in the vacated edge."""
+    batch, _, height, width = x.shape
     theta = torch.zeros(batch, 2, 3, device=x.device)
     theta[:, 0, 0] = 1
     theta[:, 1, 1] = 1
     # affine_grid coordinates span [-1, 1] over the image: one pixel is 2/28
     theta[:, :, 2] = (torch.rand(batch, 2, device=x.device) * 2 - 1) * (shift_px * 2 / SOURCE_SIZE)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, 28, 28, 2): x then y, in [-1, 1]
+    # Repeat the edge pixels, the same as padding_mode="border", which MPS lacks before torch 2.13
+    # (pytorch#125098): hold every coordinate at the outermost pixel centres, 1 - 1/size with
+    # align_corners=False, where bilinear sampling gives the edge pixel itself (as in kornia#4073).
+    # (Python-number bounds: a bound tensor made here would be a host-to-device copy, and a sync, per batch.)
+    grid[..., 0].clamp_(-(1 - 1 / width), 1 - 1 / width)
+    grid[..., 1].clamp_(-(1 - 1 / height), 1 - 1 / height)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:

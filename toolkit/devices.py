@@ -5,21 +5,36 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 import resource
+import shutil
 import sys
 from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from packaging.version import Version
 
 from toolkit.errors import UsageError
 
 # Preference order for `auto`.
 DEVICE_ORDER = ("cuda", "mps", "cpu")
+PRECISIONS = ("no", "fp16", "bf16")
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")  # the two values PyTorch's reproducibility notes accept
+# The optimizers the trainer builds, and the first torch release with each one's fused kernel on MPS:
+# AdamW in pytorch#127242 (2.4), SGD in pytorch#129350 (2.5). CUDA and the CPU have both in every allowed torch.
+FUSED_ON_MPS_SINCE = {"adamw": "2.4", "sgd": "2.5"}
+
+
+def _torch_at_least(version: str) -> bool:
+    """Whether the running torch is `version` or newer, compared the way Accelerate compares it (packaging):
+    a pre-release such as 2.8.0.dev counts as older than 2.8, and a local tag such as +cu130 is ignored."""
+    return Version(str(torch.__version__)) >= Version(version)
 
 
 def available() -> list[str]:
@@ -50,19 +65,49 @@ def _cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def precision_problem(device: str, precision: str) -> str:
+    """Why `device` cannot train (or evaluate) in `precision` on this machine, or "" when it can.
+
+    - CPU: fp16 is refused: Accelerate accepts it there and then trains in fp32, a silent switch.
+    - CUDA: bf16 only where the GPU computes it natively (compute capability 8.0+, Ampere on).
+      `torch.cuda.is_bf16_supported()` also says yes on a V100 or T4, where bf16 is emulated: it only checks that
+      a bf16 tensor can be made there. cuDNN has no bf16 convolutions below 8.0 and emulated bf16 runs slower than
+      fp32, so such a GPU is refused bf16 with that reason (fp16 is its mixed precision), not allowed with a warning.
+    - MPS: fp16 needs torch 2.8: Accelerate builds a gradient scaler for fp16, and refuses to on MPS before 2.8
+      (`accelerate.utils.modeling.get_grad_scaler`), so the run would fail at construction. bf16 needs macOS 14
+      (MPS has no bf16 before it) and torch 2.6 (bf16 autocast on MPS; Accelerate checks it too).
+    """
+    if precision not in PRECISIONS:
+        return f"unknown precision; choose one of {', '.join(PRECISIONS)}"
+    if precision == "no":
+        return ""
+    if device == "cpu" and precision == "fp16":
+        return "Accelerate would accept fp16 on the CPU and silently train in fp32"
+    if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if torch.cuda.is_bf16_supported(including_emulation=True):
+            return ("this GPU only emulates bf16 (compute capability below 8.0): cuDNN has no bf16 convolutions "
+                    "there and it runs slower than fp32")
+        return "this GPU cannot compute in bf16"
+    if device == "mps" and precision == "fp16" and not _torch_at_least("2.8"):
+        return (f"Accelerate's fp16 gradient scaler needs torch >= 2.8 on MPS, this is torch {torch.__version__} "
+                f"(upgrade torch for fp16)")
+    if device == "mps" and precision == "bf16":
+        if not torch.backends.mps.is_macos_or_newer(14, 0):
+            return "MPS computes bf16 from macOS 14 on"
+        if not _torch_at_least("2.6"):
+            return f"bf16 autocast on MPS needs torch >= 2.6, this is torch {torch.__version__}"
+    return ""
+
+
 def supported_precisions(device: str) -> tuple[str, ...]:
-    """Precisions Accelerate can really run on this device. fp16 on the CPU is not among them: Accelerate
-    accepts it there and then trains in fp32, which would be a silent switch."""
-    if device == "cuda":
-        return ("no", "fp16", "bf16") if torch.cuda.is_bf16_supported() else ("no", "fp16")
-    if device == "mps":
-        return ("no", "fp16", "bf16") if torch.backends.mps.is_macos_or_newer(14, 0) else ("no", "fp16")
-    return ("no", "bf16")
+    """Precisions Accelerate can really run on this device, in PRECISIONS order (see `precision_problem`)."""
+    return tuple(p for p in PRECISIONS if not precision_problem(device, p))
 
 
 def native_precision(device: str) -> str:
-    """What `precision: auto` means without a launcher setting: bf16 where the hardware computes it natively."""
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    """What `precision: auto` means without a launcher setting: bf16 where the hardware computes it natively
+    (never emulated bf16 on an older GPU); fp32 on MPS."""
+    if device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16"
     if device == "cpu" and _cpu_has_native_bf16():
         return "bf16"
@@ -71,7 +116,8 @@ def native_precision(device: str) -> str:
 
 def resolve_precision(device: str, requested: str) -> tuple[str, str]:
     """(precision, where it came from). An explicit setting wins over `accelerate launch --mixed_precision`,
-    which wins over the device's native choice. A precision the device cannot do is a UsageError."""
+    which wins over the device's native choice. A precision the device cannot do is a UsageError that says why
+    and what the device can do instead."""
     launcher = os.environ.get(LAUNCHER_PRECISION_ENV, "no")
     if requested != "auto":
         precision, source = requested, "config"
@@ -79,9 +125,10 @@ def resolve_precision(device: str, requested: str) -> tuple[str, str]:
         precision, source = launcher, "accelerate launch"
     else:
         precision, source = native_precision(device), f"auto for {device}"
-    if precision not in supported_precisions(device):
-        raise UsageError(f"precision '{precision}' ({source}) is not supported on {device}; supported: "
-                         f"{', '.join(supported_precisions(device))}")
+    problem = precision_problem(device, precision)
+    if problem:
+        raise UsageError(f"precision '{precision}' ({source}) is not supported on {device}: {problem}; "
+                         f"supported: {', '.join(supported_precisions(device))}")
     return precision, source
 
 
@@ -92,10 +139,56 @@ def use_channels_last(device: str, setting: str = "auto") -> bool:
     return device != "mps"
 
 
-def has_fused_optimizers(device: str) -> bool:
+def has_fused_optimizers(device: str, optimizer: str = "", precision: str = "no") -> bool:
+    """Whether `optimizer` ("adamw" or "sgd") can update all parameters in one fused kernel on `device` when
+    training in `precision`. Without an optimizer: whether the device has fused optimizer kernels at all.
+
+    fp16 is where fused kernels go wrong, because the gradient scaler hands them its scale and overflow flag
+    instead of skipping the step itself:
+    - fused SGD with momentum on an overflowing step returns before it fills the momentum buffers that it has
+      just allocated with `torch.empty_like`, so the next step uses uninitialised memory (torch 2.6 to 2.14;
+      tests/test_devices.py shows it on the CPU). Plain SGD is used under fp16 everywhere.
+    - on MPS, fused SGD refuses the scaler's arguments ("grad_scale and found_inf are not supported on MPS") and
+      fused Adam/AdamW ignore them, stepping on overflowed gradients (fixed only by pytorch#186360, 2026). No
+      fused optimizer under fp16 on MPS.
+    """
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    return device in _get_fused_kernels_supported_devices()
+    if device not in _get_fused_kernels_supported_devices():
+        return False
+    if not optimizer:
+        return True
+    if optimizer not in FUSED_ON_MPS_SINCE:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(FUSED_ON_MPS_SINCE)}")
+    if device == "mps":
+        return precision != "fp16" and _torch_at_least(FUSED_ON_MPS_SINCE[optimizer])
+    return not (optimizer == "sgd" and precision == "fp16")
+
+
+def check_compile(device: str) -> None:
+    """Raise a UsageError saying why `torch.compile` cannot work on `device` here; return if it can.
+
+    MPS: inductor's Metal backend arrived in torch 2.8. CPU: inductor writes C++ and builds it with the compiler
+    named by `torch._inductor.config.cpp.cxx` ($CXX, else g++; clang++ on macOS). CUDA: inductor writes
+    its kernels in Triton, so the `triton` package must be importable."""
+    if device == "mps" and not _torch_at_least("2.8"):
+        raise UsageError(f"compile on mps needs torch >= 2.8, whose inductor has a Metal backend; this is torch "
+                         f"{torch.__version__}: upgrade torch, or turn compile off")
+    if device == "cpu":
+        import torch._inductor.config as inductor_config
+
+        search = inductor_config.cpp.cxx if isinstance(inductor_config.cpp.cxx, (list, tuple)) \
+            else (inductor_config.cpp.cxx,)
+        compilers = [c for c in search if c]
+        # None in the list: inductor may install g++ from conda-forge, when TORCH_INDUCTOR_INSTALL_GXX asks it to
+        conda_gxx = None in search and os.environ.get("TORCH_INDUCTOR_INSTALL_GXX")
+        if not conda_gxx and not any(shutil.which(c) for c in compilers):
+            raise UsageError(f"compile on cpu needs a C++ compiler for the code inductor generates, and "
+                             f"{' / '.join(compilers) or 'none'} is not on PATH: install one (or set $CXX to "
+                             f"one), or turn compile off")
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UsageError("compile on cuda needs the triton package, in which inductor writes its GPU kernels: "
+                         "install the triton version your torch names, or turn compile off")
 
 
 def build_accelerator(device: str, precision: str, timeout_s: int = 600) -> Accelerator:
@@ -112,13 +205,23 @@ def build_accelerator(device: str, precision: str, timeout_s: int = 600) -> Acce
 def configure(device: str, deterministic: bool, cpu_threads: int, local_processes: int) -> None:
     """Process-wide switches: determinism, cuDNN autotuning and the CPU thread count.
 
+    Deterministic on CUDA sets CUBLAS_WORKSPACE_CONFIG (PyTorch raises on a cuBLAS call without it). It must be
+    set before the process's first cuBLAS call: PyTorch reads it once, when it allocates the first cuBLAS
+    workspace (`getChosenWorkspaceSize` in CublasHandlePool.cpp keeps it in a static). Call this right after
+    `build_accelerator` and before the model is built: building the Accelerator only sets the device and joins
+    the process group, which makes no cuBLAS call.
+
     `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which halves CPU training speed on a
     2-core machine: on the CPU the thread count is set here explicitly."""
+    if device == "cuda" and deterministic:
+        workspace = os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACES[0])
+        if workspace not in DETERMINISTIC_CUBLAS_WORKSPACES:
+            raise UsageError(f"deterministic on cuda needs {CUBLAS_WORKSPACE_ENV} set to "
+                             f"{' or '.join(DETERMINISTIC_CUBLAS_WORKSPACES)}, and the environment sets it to "
+                             f"'{workspace}': unset it, or turn deterministic off")
     torch.use_deterministic_algorithms(deterministic)
     if device == "cuda":
         torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: autotuning pays off
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device == "cpu":
         torch.set_num_threads(cpu_threads or max(1, _usable_cores() // max(1, local_processes)))
         _keep_freed_memory()

@@ -21,7 +21,8 @@ INIT_SCHEMES = ("kaiming", "default")
 
 class AlexNet(nn.Module):
     """The reference network, with an adaptive pool before the classifier so it takes any input size the
-    convolutions can (the pool is an identity at 224 px).
+    convolutions can. At 224 px the features are already 5x5 and the pool is skipped: it would be an identity,
+    and under `torch.use_deterministic_algorithms` its backward raises on CUDA.
 
     Parameter names map one to one onto the reference's single `model` Sequential:
     reference `model.{i}` is `features.{i}` for i <= 12 and `classifier.{i - 13}` after that
@@ -56,7 +57,37 @@ class AlexNet(nn.Module):
                 f"AlexNet needs inputs of at least {self.min_input_size}x{self.min_input_size} pixels, "
                 f"got {x.shape[-2]}x{x.shape[-1]}"
             )
-        return self.classifier(self.avgpool(self.features(x)))
+        features = self.features(x)
+        if features.shape[-2:] != (POOLED_GRID, POOLED_GRID):
+            # adaptive_avg_pool2d's CUDA backward adds with atomics and raises under deterministic algorithms;
+            # two small matrix products compute the same averages with a deterministic backward.
+            if _native_pool_raises(features):
+                features = adaptive_avg_pool_by_matmul(features, POOLED_GRID)
+            else:
+                features = self.avgpool(features)
+        return self.classifier(features)
+
+
+def _native_pool_raises(x: torch.Tensor) -> bool:
+    """Whether AdaptiveAvgPool2d's backward would raise on `x`: on CUDA, with deterministic algorithms on."""
+    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
+def adaptive_avg_pool_matrix(in_size: int, out_size: int, device: torch.device | str | None = None,
+                             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(out_size, in_size): row i averages the inputs AdaptiveAvgPool gives output i,
+    [floor(i * in / out), ceil((i + 1) * in / out)). Built on `device`: no host-to-device copy per step."""
+    i = torch.arange(out_size, device=device)[:, None]
+    start, stop = i * in_size // out_size, -(-(i + 1) * in_size // out_size)
+    j = torch.arange(in_size, device=device)
+    return ((j >= start) & (j < stop)).to(dtype or torch.get_default_dtype()) / (stop - start)
+
+
+def adaptive_avg_pool_by_matmul(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """`F.adaptive_avg_pool2d(x, out_size)` as rows @ x @ cols^T: (N, C, h, w) -> (N, C, out, out)."""
+    rows = adaptive_avg_pool_matrix(x.shape[-2], out_size, x.device, x.dtype)
+    cols = adaptive_avg_pool_matrix(x.shape[-1], out_size, x.device, x.dtype)
+    return rows @ x @ cols.T
 
 
 def smallest_input_size(features: nn.Sequential) -> int:
