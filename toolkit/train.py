@@ -48,6 +48,8 @@ class Trainer:
         # --- device, precision and processes ---
         self.device_kind = devices.resolve(config.device)
         self.precision, precision_source = devices.resolve_precision(self.device_kind, config.precision)
+        if config.compile:
+            devices.check_compile(self.device_kind)
         self.accelerator = acc = devices.build_accelerator(self.device_kind, self.precision, config.dist_timeout_s)
         self.rank, self.world_size = acc.process_index, acc.num_processes
         devices.configure(self.device_kind, config.deterministic, config.cpu_threads,
@@ -86,10 +88,12 @@ class Trainer:
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.parameters = count_parameters(self.network)
-        optimizer = build_optimizer(self.network, config, self.device_kind)
+        optimizer = build_optimizer(self.network, config, self.device_kind, self.precision)
         # Not passed to prepare(): Accelerate would step it once per process. It steps once per optimizer step.
         self.scheduler = build_schedule(optimizer, config, self.steps_per_epoch * config.epochs)
         self.model, self.optimizer = acc.prepare(self.network, optimizer)
+        if config.compile:  # around the DDP wrapper, whose hooks it then keeps (DDPOptimizer)
+            self.model = torch.compile(self.model)
         # A fused optimizer skips an update on the device when told the loss was not finite; under fp16 the
         # gradient scaler does that itself (and sets the flag for each step).
         self._skip_on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and acc.scaler is None
@@ -479,8 +483,10 @@ def split_for_evaluation(train_split: tuple[torch.Tensor, torch.Tensor], test_sp
         (images[-validation_samples:], labels[-validation_samples:])
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.Optimizer:
-    fused = devices.has_fused_optimizers(device)  # one kernel over all parameters instead of one per tensor
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: str,
+                    precision: str = "no") -> torch.optim.Optimizer:
+    # one kernel over all parameters instead of one per tensor, where it is right for this device and precision
+    fused = devices.has_fused_optimizers(device, config.optimizer, precision)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
