@@ -72,3 +72,41 @@ def small_run(request) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]
         result = run_module("toolkit.train", *SMALL_RUN, "--epochs", "2", "--output-dir", str(out), timeout=900)
         assert result.returncode == 0, result.stdout + result.stderr
         yield out, result
+
+
+@contextmanager
+def accelerate_state() -> Iterator[None]:
+    """A fresh Accelerate state around in-process use: it holds one precision per process, and a Trainer built
+    earlier in the same test process would leave its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+# The smallest trainer that still trains: 65 px, fp32 on the CPU, a few hundred images, quiet.
+TINY = {"image_size": 65, "train_samples": 256, "eval_samples": 100, "batch_size": 32, "warmup_steps": 2,
+        "log_every_steps": 4, "precision": "no", "device": "cpu", "download": False}
+
+
+@contextmanager
+def tiny_trainer(tmp_path: Path, **overrides) -> Iterator:
+    """A Trainer built in this process on TINY settings (and `overrides`), writing into tmp_path/run; closed after."""
+    from toolkit.config import TrainConfig
+    from toolkit.train import Trainer
+
+    root = mnist_root()
+    if root is None:
+        pytest.skip("MNIST is not on this machine: set TOOLKIT_DATA_DIR to a folder holding MNIST/raw/")
+    config = TrainConfig(**{**TINY, "data_dir": str(root), "output_dir": str(tmp_path / "run"), **overrides})
+    with accelerate_state():
+        trainer = Trainer(config, quiet=True)
+        try:
+            yield trainer
+        finally:
+            trainer.close()

@@ -166,3 +166,9 @@ def test_sigterm_to_all_processes_saves_at_the_same_step_and_resume_needs_the_sa
                   timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"(step {state['progress']['step']})" in resumed.stdout
+
+
+def test_accumulation_equals_a_large_batch_on_two_processes(tmp_path):
+    result = run(launch(str(ROOT / "tests" / "ddp_accumulation.py"), str(mnist_root()), str(tmp_path)), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accumulated vs large batch on 2 processes: max difference" in result.stdout

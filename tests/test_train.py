@@ -82,3 +82,98 @@ def test_missing_data_is_one_line_and_exit_1(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train-images-idx3-ubyte" in lines[0] and str(tmp_path / "MNIST" / "raw") in lines[0]
+
+
+# --- stopping early, profiling, trackers: tiny runs through the command line ---
+
+TINY_RUN = ["--image-size", "65", "--train-samples", "320", "--eval-samples", "200", "--batch-size", "32",
+            "--warmup-steps", "2", "--log-every-steps", "2", "--epochs", "3"]
+
+
+def records_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_target_accuracy_stops_with_a_checkpoint_and_the_time_it_took(mnist, tmp_path):
+    out = tmp_path / "run"
+    result = run_module("toolkit.train", *TINY_RUN, "--eval-every-steps", "2", "--target-accuracy", "0.3",
+                        "--profile-steps", "2:3", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = records_of(out)
+    last = records[-1]
+    assert last["eval_accuracy"] >= 0.3 and all(r["eval_accuracy"] < 0.3 for r in records[:-1])
+    assert last["step"] % 2 == 0 and last["step"] < 30  # stopped at the evaluation that reached it
+    assert last["time_to_target_s"] == last["train_seconds"] > 0
+    assert last["wall_time_to_target_s"] >= last["time_to_target_s"]
+    assert last["images_to_target"] == last["step"] * 32
+    assert f"reached the target accuracy 30.00% at step {last['step']}" in result.stdout
+    assert "time to 30.0%:" in result.stdout and "training time:" in result.stdout
+    assert (out / "checkpoints" / f"step-{last['step']:08d}" / "COMPLETE").is_file()
+    # the profile of steps 2-3: a Chrome/Perfetto trace naming the convolution kernels, and the top operators
+    (trace,) = (out / "profile").glob("trace-steps-2-3.json")
+    names = {event.get("name", "") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert any("convolution" in name for name in names)
+    assert "top operators by self time" in result.stdout and "aten::convolution_backward" in result.stdout
+
+
+def test_tensorboard_shows_where_the_time_goes(small_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, result = small_run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"perf/data_ms_per_step", "perf/step_ms", "perf/tflops", "perf/mfu", "memory/peak_gib"} <= scalars
+    assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
+    assert " data " in result.stdout and "TFLOP/s" in result.stdout
+
+
+def test_early_stopping_after_evaluations_without_improvement(mnist, tmp_path):
+    out = tmp_path / "run"
+    # a learning rate too small to change any prediction: every evaluation equals the first
+    result = run_module("toolkit.train", *TINY_RUN, "--lr", "1e-12", "--ema-decay", "0", "--eval-every-steps", "2",
+                        "--early-stop-patience", "2", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["step"] for r in records_of(out)] == [2, 4, 6]
+    assert "stopped early at step 6: no better accuracy in the last 2 evaluations" in result.stdout
+
+
+def test_time_limit_stops_with_a_checkpoint_and_says_how_to_resume(mnist, tmp_path):
+    out = tmp_path / "run"
+    # one second leaves no room for a checkpoint (0.75 GB): the run stops after its first step
+    result = run_module("toolkit.train", *TINY_RUN, "--time-limit", "1s", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"stopped at step 1 before the time limit (1s); resume with --resume auto --output-dir {out}" \
+        in result.stdout
+    assert (out / "checkpoints" / "step-00000001" / "COMPLETE").is_file()
+    resumed = run_module("toolkit.train", *TINY_RUN, "--max-steps", "3", "--resume", "auto", "--output-dir", str(out))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (out / "checkpoints" / "step-00000003" / "COMPLETE").is_file()
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys):
+    from toolkit.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--log-with", "tensorboard,clearml", "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["toolkit.train: error: log_with: clearml is not installed: pip install clearml (or log with "
+                     "another tracker, e.g. --log-with tensorboard)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_resumes_an_eager_checkpoint_and_back_with_plain_weight_names(mnist, tmp_path):
+    out = tmp_path / "run"
+    steps = ["--checkpoint-every-steps", "1", "--output-dir", str(out)]
+    eager = run_module("toolkit.train", *TINY_RUN, "--max-steps", "2", *steps)
+    assert eager.returncode == 0, eager.stdout + eager.stderr
+    compiled = run_module("toolkit.train", *TINY_RUN, "--max-steps", "3", "--compile", "--resume", "auto", *steps,
+                          timeout=900)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert "compile=True" in compiled.stdout
+    saved = load_file(out / "checkpoints" / "step-00000003" / "train_model.safetensors")
+    assert set(saved) == set(AlexNet().state_dict())  # no "_orig_mod." prefix
+    back = run_module("toolkit.train", *TINY_RUN, "--max-steps", "4", "--resume", "auto", *steps)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert (out / "checkpoints" / "step-00000004" / "COMPLETE").is_file()

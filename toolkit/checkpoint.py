@@ -50,14 +50,19 @@ class TrainProgress:
     """Where training stands; saved in `state.json`."""
 
     epoch: int = 0  # the epoch in progress (0-based)
-    batch: int = 0  # the next batch of that epoch
+    batch: int = 0  # the next batch of that epoch (with gradient accumulation, the next micro-batch)
     step: int = 0  # optimizer steps done
     epoch_loss_sum: float = 0.0  # this epoch's training loss so far, summed over images, all processes
     epoch_images: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     best_accuracy: float = -1.0
     best_step: int = -1
+    evaluations_since_best: int = 0  # for early stopping
     skipped_steps: int = 0  # fp16 steps the gradient scaler skipped (inf/NaN gradients)
+    images_seen: int = 0  # training images, all processes, all sessions
+    train_seconds: float = 0.0  # time in training steps, evaluation and checkpoints excluded, all sessions
+    wall_seconds: float = 0.0  # time the run's sessions took, start-up included
+    reached: dict[str, dict[str, Any]] = field(default_factory=dict)  # accuracy -> when evaluation first reached it
 
 
 @dataclass

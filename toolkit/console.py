@@ -1,8 +1,8 @@
 """What a training run prints. Only the main process prints.
 
-On a terminal: a header, a live progress bar (loss, images/s, ETA) and a table per epoch. Otherwise (CI,
-nohup, SLURM logs): the same facts as plain lines, a progress line every `log_every_steps` steps, no control
-codes.
+On a terminal: a header, a live progress bar (loss, images/s, ETA) and a table per evaluation, then a summary.
+Otherwise (CI, nohup, SLURM logs): the same facts as plain lines, a progress line every `log_every_steps` steps,
+no control codes.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class TrainConsole:
         self.console = Console(quiet=not enabled, highlight=False)
         self.live = enabled and self.console.is_terminal
         self.console.soft_wrap = not self.console.is_terminal  # a log line stays one line, however long
+        self.enabled = enabled
         self.progress: Progress | None = None
         self.task = None
         self.epoch_label = ""
-        self.started = 0.0
+        self.started = time.perf_counter()
+        self.done_at_start = self.total_steps = 0
 
     def print(self, message: str) -> None:
         self.console.print(message, markup=False)
@@ -74,28 +76,53 @@ class TrainConsole:
         if self.progress is not None:
             self.progress.update(self.task, completed=done_steps)
 
-    def log(self, done_steps: int, loss: float | None, images_per_sec: float) -> None:
-        """Called at log steps with the mean loss and the throughput of all processes since the last log."""
+    def log(self, done_steps: int, metrics: dict[str, float | None]) -> None:
+        """Called at log steps with the loss, speed and memory of all processes since the last log."""
+        if not self.enabled:
+            return
+        loss = metrics["train/loss"]
         loss_text = f"{loss:.4f}" if loss is not None else "-"
+        rate = f"{metrics['perf/images_per_sec']:,.0f}"
         if self.progress is not None:
-            self.progress.update(self.task, completed=done_steps, loss=loss_text, rate=f"{images_per_sec:,.0f}")
-        else:
-            eta = _eta(time.perf_counter() - self.started, done_steps - self.done_at_start,
-                       self.total_steps - done_steps)
-            self.print(f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss_text} "
-                       f"images/s {images_per_sec:,.0f} eta {eta}")
+            self.progress.update(self.task, completed=done_steps, loss=loss_text, rate=rate)
+            return
+        eta = _eta(time.perf_counter() - self.started, done_steps - self.done_at_start,
+                   self.total_steps - done_steps)
+        line = f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss_text} images/s {rate}"
+        if "perf/data_ms_per_step" in metrics:
+            data, step = metrics["perf/data_ms_per_step"], metrics["perf/step_ms"]
+            line += f" data {100 * data / max(data + step, 1e-9):.0f}%"
+        if "perf/mfu" in metrics:
+            line += f" {metrics['perf/tflops']:.2f} TFLOP/s ({metrics['perf/mfu']:.0%} of peak)"
+        if "memory/peak_gib" in metrics:
+            line += f" mem {metrics['memory/peak_gib']:.1f} GiB"
+        self.print(f"{line} eta {eta}")
 
-    def epoch_finished(self, record: dict[str, Any]) -> None:
-        self._stop_progress()
+    def evaluated(self, record: dict[str, Any]) -> None:
+        """An evaluation: at an epoch's end ("epoch 2/8 done") or within one (`eval_every_steps`)."""
+        label = self.epoch_label + (" done" if record["complete"] else f" step {record['step']} evaluated")
+        if record["complete"]:
+            self._stop_progress()
         if self.live:
-            table = Table(title=self.epoch_label, title_justify="left")
+            table = Table(title=label, title_justify="left")
             for title, _ in EPOCH_COLUMNS:
                 table.add_column(title, justify="right")
             table.add_row(*(_format(key, record[key]) for _, key in EPOCH_COLUMNS))
             self.console.print(table)
         else:
-            self.print(self.epoch_label + " done: " + ", ".join(
+            self.print(label + ": " + ", ".join(
                 f"{title} {_format(key, record[key])}" for title, key in EPOCH_COLUMNS[1:]))
+
+    def summary(self, rows: dict[str, str]) -> None:
+        """The end of a run: best accuracy, times to the milestones, totals, where things are."""
+        if self.live:
+            table = Table(title="summary", title_justify="left", show_header=False)
+            for key, value in rows.items():
+                table.add_row(key, value)
+            self.console.print(table)
+        else:
+            for key, value in rows.items():
+                self.print(f"{key}: {value}")
 
     def ranks(self, rows: list[dict[str, Any]]) -> None:
         """Per-process throughput, so a straggler shows."""

@@ -3,8 +3,8 @@
 A signal only sets a flag; the trainer finishes its step, saves and exits with 128 + the signal number (143 for
 SIGTERM, 130 for SIGINT). Repeats are ignored: launchers forward the signal a process already got from the
 terminal or the scheduler, and that must not cut the save short (SIGKILL still stops at once). One process reads
-the flag after every step; several processes agree on it at the trainer's sync points (log steps, epoch ends),
-so every rank stops at the same step.
+the flag after every step; several processes agree on it at the trainer's sync points (log steps, evaluations,
+checkpoints, epoch ends), so every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -36,11 +36,3 @@ class StopControl:
     def close(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def first_signal(signals: list[int | None]) -> int | None:
-    """The signal to act on when processes report theirs: SIGTERM before SIGINT, as a scheduler's stop wins."""
-    for sig in SIGNALS:
-        if sig in signals:
-            return sig
-    return None

@@ -31,14 +31,20 @@ class StepTally:
         self.skipped_steps = torch.zeros((), dtype=self.dtype, device=device)
         self.step = torch.full((), step, dtype=self.dtype, device=device)  # the loop's step count, on the device
         self.images = 0
+        self.step_bad: torch.Tensor | None = None
 
-    def add(self, loss: torch.Tensor, images: int) -> torch.Tensor:
-        """Count one step's mean loss over `images`; return 1.0 (float32, on the device) if it is not finite."""
-        self.step += 1
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        """Count one batch's mean loss over its `images` (a step has one batch, or several with accumulation)."""
         bad = ~torch.isfinite(loss)
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step == 0), self.step, self.first_bad_step))
+        self.step_bad = bad if self.step_bad is None else self.step_bad | bad
         self.loss_sum += torch.where(bad, 0.0, loss.to(self.dtype) * images)
         self.images += images
+
+    def end_step(self) -> torch.Tensor:
+        """Close an optimizer step: 1.0 (float32, on the device) if any of its losses was not finite, else 0.0."""
+        self.step += 1
+        bad, self.step_bad = self.step_bad, None
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step == 0), self.step, self.first_bad_step))
         return bad.float()
 
     def add_skipped(self, skipped: torch.Tensor) -> None:
