@@ -1,11 +1,12 @@
 """Evaluate a checkpoint on the MNIST test set: accuracy, mean loss, per-class accuracy, confusion matrix.
 
-    python -m toolkit.evaluate --checkpoint runs/x [--eval-samples 1000] [--json out.json]
+    python -m toolkit.evaluate --checkpoint runs/x [--eval-samples 1000] [--json out.json] [--plots DIR]
     accelerate launch --config_file launch/cpu_ddp.yaml -m toolkit.evaluate --checkpoint runs/x
 
 PATH is a checkpoint folder, or a run folder (then its best checkpoint by eval accuracy, else its latest).
 Images are prepared exactly as in training (the checkpoint's image size and normalisation). With several
-processes the sums are gathered exactly: the same count of correct answers as one process.
+processes the sums are gathered exactly: the same count of correct answers as one process. `--plots DIR`
+writes the pictures training logs to TensorBoard: DIR/confusion.png and DIR/misclassified.png.
 """
 
 from __future__ import annotations
@@ -14,92 +15,71 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import Accelerator
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from toolkit import checkpoint, devices
-from toolkit.config import TrainConfig, build_parser, from_dict
-from toolkit.data import EvalBatches, Preprocess, first, load_mnist, resolve_data_dir
-from toolkit.errors import UsageError, exit_on_user_error
-from toolkit.files import write_atomic
+from toolkit import inference, plots
+from toolkit.config import build_parser
+from toolkit.data import EvalBatches, first, load_mnist, resolve_data_dir
+from toolkit.errors import exit_on_user_error
+from toolkit.files import Outputs
 from toolkit.metrics import EvalResult, evaluate
-from toolkit.model import NUM_CLASSES, AlexNet, build_model
+from toolkit.model import NUM_CLASSES
 
-PRECISION_RULE = "Precision: the checkpoint's training precision when this device runs it, else auto; " \
-                 "--precision overrides."
 # Settings a user may change when using a trained model; the rest (image size, normalisation) come from it.
 INFERENCE_KEYS = ("device", "precision", "channels_last", "cpu_threads", "data_dir", "download", "eval_samples",
                   "eval_batch_size")
-
-
-def load_for_inference(path: Path) -> tuple[AlexNet, TrainConfig, dict[str, Any], Path, str]:
-    """(model on the CPU in eval mode, its training config, its metadata, the checkpoint folder, why that one)."""
-    folder, reason = checkpoint.for_inference(path)
-    checkpoint.verify(folder)
-    try:
-        saved = checkpoint.load_config(folder)
-        config = from_dict(saved, source=str(folder / checkpoint.CONFIG))
-    except UsageError as error:
-        raise checkpoint.CheckpointError(f"{folder} was saved with a config this version cannot use: {error}") \
-            from None
-    model = build_model(init="default", dropout=config.dropout)
-    checkpoint.load_weights_into(model, checkpoint.load_weights(folder / checkpoint.WEIGHTS),
-                                 folder / checkpoint.WEIGHTS)
-    return model.eval(), config, checkpoint.load_meta(folder), folder, reason
-
-
-def inference_accelerator(config: TrainConfig, meta: dict[str, Any], precision_given: bool
-                          ) -> tuple[Accelerator, str, str]:
-    """(accelerator, device, precision) for using a trained model: the precision flag if given, else the
-    checkpoint's training precision when this device runs it, else auto. The same rule as toolkit.evaluate."""
-    device = devices.resolve(config.device)
-    requested = config.precision if precision_given else meta.get("precision", "auto")
-    if requested not in devices.supported_precisions(device):
-        requested = "auto"
-    precision, _ = devices.resolve_precision(device, requested)
-    accelerator = devices.build_accelerator(device, precision, config.dist_timeout_s)
-    devices.configure(device, config.deterministic, config.cpu_threads, accelerator.num_processes)
-    return accelerator, device, precision
-
-
-def on_device(model: AlexNet, config: TrainConfig, accelerator: Accelerator) -> tuple[AlexNet, Preprocess]:
-    """The model on the accelerator in the memory format training uses there, and the training preprocessing
-    (without augmentation) that feeds it."""
-    channels_last = devices.use_channels_last(accelerator.device.type, config.channels_last)
-    model = model.to(accelerator.device, memory_format=torch.channels_last if channels_last else
-                     torch.preserve_format)
-    return model, Preprocess(config.image_size, config.normalize, channels_last=channels_last)
+PLOT_FILES = {"eval/confusion": "confusion.png", "eval/misclassified": "misclassified.png"}  # tag: file in DIR
 
 
 def main(argv: list[str] | None = None) -> int:
-    with exit_on_user_error("toolkit.evaluate"):
+    with exit_on_user_error("toolkit.evaluate"), Outputs() as outputs:
         parser = build_parser("python -m toolkit.evaluate", __doc__.splitlines()[0], keys=INFERENCE_KEYS)
-        parser.epilog = PRECISION_RULE
+        parser.epilog = (f"{inference.PRECISION_RULE} Output files are checked before the evaluation; missing "
+                         f"folders are created (and removed again if the command fails).")
         parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
         parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+        parser.add_argument("--plots", dest="plots_dir", metavar="DIR",
+                            help=f"also write the confusion matrix and the first {plots.MISCLASSIFIED_SHOWN} "
+                                 f"misclassified images to DIR/{PLOT_FILES['eval/confusion']} and "
+                                 f"DIR/{PLOT_FILES['eval/misclassified']}")
         args = vars(parser.parse_args(argv))
-        model, config, meta, folder, reason = load_for_inference(Path(args.pop("checkpoint")))
-        json_path = args.pop("json_path", None)
+        checkpoint_path, json_raw, plots_raw = args.pop("checkpoint"), args.pop("json_path", None), \
+            args.pop("plots_dir", None)
+        json_path = outputs.file(json_raw, "--json") if json_raw is not None else None
+        plots_dir = outputs.folder(plots_raw, "--plots", tuple(PLOT_FILES.values())) if plots_raw is not None \
+            else None
         # the checkpoint's settings, overridden by the flags given (device, precision, data, batch, samples)
-        config = from_dict(args, source="command line", base=config)
-        accelerator, device, precision = inference_accelerator(config, meta, "precision" in args)
+        loaded = inference.load(Path(checkpoint_path), args)
+        config = loaded.config
+        inference.refuse_overwriting(outputs, loaded, inference.mnist_files(config.data_dir))
+        outputs.make_ready()
+        run = inference.runtime(config, loaded.meta, args.get("precision"))
+        accelerator = run.accelerator
         console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
 
         with accelerator.main_process_first():
             images, labels = first(*load_mnist(resolve_data_dir(config.data_dir), train=False,
                                                download=config.download), config.eval_samples)
-        model, preprocess = on_device(model, config, accelerator)
+        model, preprocess = inference.on_device(loaded.model, config, accelerator)
         batches = EvalBatches(images.to(accelerator.device), labels.to(accelerator.device), config.eval_batch_size,
                               preprocess, accelerator.process_index, accelerator.num_processes)
-        result = evaluate(model, batches, accelerator, expected_count=len(labels))
+        result = evaluate(model, batches, accelerator, expected_count=len(labels),
+                          keep_misclassified=plots.MISCLASSIFIED_SHOWN if plots_dir else 0)
 
         if accelerator.is_main_process:
-            report(console, result, folder, reason, device, precision, accelerator.num_processes)
+            report(console, result, loaded, run)
+            contents: dict[Path, str | bytes] = {}
             if json_path:
-                write_atomic(Path(json_path), json.dumps(
-                    to_json(result, folder, reason, device, precision, accelerator.num_processes), indent=1) + "\n")
+                contents[json_path] = json.dumps(to_json(result, loaded.folder, loaded.reason, run.device,
+                                                         run.precision, accelerator.num_processes), indent=1) + "\n"
+            if plots_dir:
+                for tag, image in plots.evaluation_images(result, images).items():
+                    contents[plots_dir / PLOT_FILES[tag]] = plots.png_bytes(image)
+            outputs.write(contents)
+            if plots_dir:
+                console.print(f"plots: {escape(', '.join(str(plots_dir / name) for name in PLOT_FILES.values()))}")
         accelerator.end_training()
     return 0
 
@@ -112,10 +92,11 @@ def to_json(result: EvalResult, folder: Path, reason: str, device: str, precisio
             "confusion": result.confusion.tolist()}
 
 
-def report(console: Console, result: EvalResult, folder: Path, reason: str, device: str, precision: str,
-           processes: int) -> None:
-    console.print(f"checkpoint: {folder} ({reason})")
-    console.print(f"device: {device}, precision: {precision}, processes: {processes}")
+def report(console: Console, result: EvalResult, loaded: inference.Loaded, run: inference.Runtime) -> None:
+    console.print(f"checkpoint: {escape(str(loaded.folder))} ({loaded.reason})")
+    console.print(f"device: {run.device}, precision: {run.precision}, processes: {run.accelerator.num_processes}")
+    if run.note:
+        console.print(f"note: {escape(run.note)}")
     console.print(f"accuracy: {result.accuracy:.2%} ({result.correct}/{result.count}), mean loss {result.loss:.4f}")
     per_class = Table(title="per class", title_justify="left")
     per_class.add_column("digit", justify="right")

@@ -1,0 +1,72 @@
+"""Exact evaluation metrics, and the first K misclassified examples: those one process would find, in order,
+for any number of processes, at no cost when not asked for."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from conftest import ROOT, run
+
+from toolkit import metrics
+from toolkit.data import EvalBatches, Preprocess
+
+
+@pytest.fixture
+def accelerator():
+    """An Accelerator in the test process, with a fresh Accelerate state around the test."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class ReadsItsAnswer(torch.nn.Module):
+    """Logits (B, 10) that pick the digit written in each image's first pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1]
+        return torch.nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long(), 10).float()
+
+
+def known_answers(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images whose first pixel holds the model's answer, labels, answers): every 7th answer wrong."""
+    labels = torch.arange(count) % 10
+    answers = labels.clone()
+    answers[3::7] = (labels[3::7] + 1) % 10
+    images = torch.zeros(count, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0] = answers.to(torch.uint8)
+    return images, labels, answers
+
+
+@pytest.mark.parametrize("keep", [1, 4, 50])
+def test_the_first_misclassified_are_kept_in_order(accelerator, keep):
+    images, labels, answers = known_answers(100)
+    batches = EvalBatches(images, labels, 16, Preprocess(28, normalize=False))
+    result = metrics.evaluate(ReadsItsAnswer(), batches, accelerator, expected_count=100, keep_misclassified=keep)
+    expected = (answers != labels).nonzero().squeeze(1)[:keep]  # 14 wrong: 3, 10, 17, ...
+    assert result.misclassified.index.tolist() == expected.tolist()
+    assert result.misclassified.true.tolist() == labels[expected].tolist()
+    assert result.misclassified.predicted.tolist() == answers[expected].tolist()
+    assert result.count - result.correct == 14
+
+
+def test_nothing_is_kept_or_gathered_by_default(accelerator, monkeypatch):
+    monkeypatch.setattr(metrics, "first_misclassified", lambda *a: pytest.fail("called with K = 0"))
+    images, labels, _ = known_answers(40)
+    result = metrics.evaluate(ReadsItsAnswer(), EvalBatches(images, labels, 16, Preprocess(28, normalize=False)),
+                              accelerator, expected_count=40)
+    assert len(result.misclassified) == 0 and result.misclassified.index.dtype == torch.int64
+    assert result.correct == 40 - 6
+
+
+def test_three_processes_keep_exactly_the_first_misclassified_in_order():
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "launch" / "cpu_ddp.yaml"), "--num_processes", "3"]
+    result = run([*launch, str(ROOT / "tests" / "ddp_misclassified.py"), "1001"], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "keep 5: 3 processes, first [5, 300, 700, 709, 718]" in result.stdout
+    assert "keep 1000: 3 processes" in result.stdout

@@ -1,0 +1,140 @@
+"""toolkit.predict as a user runs it: the model's own answers for image files, bad images listed, and a --json
+path that never hurts a user's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mnist_root, run_module, scratch_dir
+from inference_cases import fresh_accelerate, full_disk_after, one_error_line, save_checkpoint, snapshot, temporaries
+from PIL import Image
+
+from toolkit import checkpoint, files, inference, predict
+from toolkit.data import Preprocess, load_mnist
+
+IMAGES = 12  # MNIST test images written as PNG files
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_run) -> Path:
+    return small_run[0]
+
+
+@pytest.fixture(scope="module")
+def digits(run_dir) -> torch.Tensor:
+    """The first MNIST test images, uint8 (IMAGES, 28, 28)."""
+    images, _ = load_mnist(mnist_root(), train=False, download=False)
+    return images[:IMAGES]
+
+
+@pytest.fixture(scope="module")
+def expected_logits(run_dir, digits) -> torch.Tensor:
+    """The model's own fp32 batch output for `digits`, (IMAGES, 10)."""
+    loaded = inference.load(run_dir)
+    with torch.no_grad():
+        return loaded.model(Preprocess(loaded.config.image_size, loaded.config.normalize)(digits))
+
+
+@pytest.fixture(scope="module")
+def png_folders(tmp_path_factory, digits) -> tuple[Path, Path]:
+    """(folder of the digits as PNG files, folder of their black-on-white versions)."""
+    plain, inverted = tmp_path_factory.mktemp("png"), tmp_path_factory.mktemp("png-inverted")
+    for i, image in enumerate(digits.numpy()):
+        Image.fromarray(image).save(plain / f"{i:02d}.png")
+        Image.fromarray(255 - image).save(inverted / f"{i:02d}.png")
+    return plain, inverted
+
+
+@pytest.fixture(scope="module")
+def untrained(request) -> Path:
+    with scratch_dir(request, "predict") as folder:
+        yield save_checkpoint(folder / "run" / "checkpoints")
+
+
+def predict_json(tmp_path: Path, *args: str) -> tuple[dict, object]:
+    out = tmp_path / "predictions.json"
+    result = run_module("toolkit.predict", *args, "--json", str(out))
+    return (json.loads(out.read_text()) if out.exists() else {}), result
+
+
+def assert_matches(predictions: list[dict], logits: torch.Tensor, top_k: int) -> None:
+    probabilities = logits.softmax(dim=1)
+    top = probabilities.topk(top_k, dim=1)
+    assert len(predictions) == len(logits)
+    for record, values, indices in zip(predictions, top.values.tolist(), top.indices.tolist(), strict=True):
+        assert record["digit"] == indices[0]
+        assert record["probability"] == pytest.approx(values[0], abs=1e-5)
+        assert [t["digit"] for t in record["top_k"]] == indices
+        assert [t["probability"] for t in record["top_k"]] == pytest.approx(values, abs=1e-5)
+
+
+def test_predict_on_png_files_matches_the_models_batch_output(run_dir, png_folders, expected_logits, tmp_path):
+    answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), "--device", "cpu", "--precision", "no",
+                                   "--top-k", "3", str(png_folders[0]))
+    assert result.returncode == 0, result.stderr
+    assert [Path(r["file"]).name for r in answers["predictions"]] == [f"{i:02d}.png" for i in range(IMAGES)]
+    assert_matches(answers["predictions"], expected_logits, top_k=3)
+    assert answers["errors"] == [] and answers["precision"] == "no"
+    assert "top 3" in result.stdout
+
+
+def test_predict_with_invert_reads_black_on_white_images_as_mnist(run_dir, png_folders, expected_logits, tmp_path):
+    answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), "--device", "cpu", "--precision", "no",
+                                   "--invert", str(png_folders[1]))
+    assert result.returncode == 0, result.stderr
+    assert_matches(answers["predictions"], expected_logits, top_k=1)
+
+
+def test_bad_image_files_are_listed_and_the_good_ones_still_answered(run_dir, png_folders, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = (png_folders[0] / "00.png").read_bytes()
+    (folder / "a_good.png").write_bytes(good)
+    (folder / "b_truncated.png").write_bytes(good[:len(good) // 2])
+    (folder / "c_random.png").write_bytes(torch.randint(0, 256, (300,), dtype=torch.uint8).numpy().tobytes())
+    (folder / "d_notes.txt").write_text("not an image")
+    answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), str(folder),
+                                   str(png_folders[0] / "01.png"), str(tmp_path / "missing.png"))
+    assert result.returncode == 1
+    assert [Path(r["file"]).name for r in answers["predictions"]] == ["a_good.png", "01.png"]
+    errors = {Path(e["file"]).name: e["error"] for e in answers["errors"]}
+    assert set(errors) == {"b_truncated.png", "c_random.png", "d_notes.txt", "missing.png"}
+    assert "truncated" in errors["b_truncated.png"]
+    assert errors["c_random.png"].startswith("not a PNG, JPEG")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("toolkit.predict: error: ") for line in lines)
+    assert all(any(name in line for line in lines) for name in errors)
+    # without --precision: the checkpoint's training precision, as evaluate
+    assert answers["precision"] == checkpoint.load_meta(inference.load(run_dir).folder)["precision"]
+
+
+def test_a_json_path_that_would_hurt_a_file_is_one_line_exit_2(untrained, tmp_path, capsys):
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    (tmp_path / "answers").mkdir()
+    before = snapshot(tmp_path, untrained)
+    for path, reason in ((image, "is a file this command reads"),
+                         (untrained / "config.yaml", "is a file this command reads"),
+                         (untrained / "answers.json", "lies inside the checkpoint folder"),
+                         (tmp_path / "answers", "is a folder"),
+                         (image / "answers.json", "digit.png is a file, not a folder")):
+        line = one_error_line(capsys, predict.main, ["--checkpoint", str(untrained), str(image), "--json", str(path)],
+                              code=2)
+        assert line.startswith(f"toolkit.predict: error: --json {path}") and reason in line, line
+    assert snapshot(tmp_path, untrained) == before
+
+
+def test_a_full_disk_while_writing_the_answers_leaves_no_file(untrained, tmp_path, capsys, monkeypatch):
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    out = tmp_path / "new" / "answers.json"
+    monkeypatch.setattr(files, "open", full_disk_after(0), raising=False)
+    with fresh_accelerate():
+        line = one_error_line(capsys, predict.main, ["--checkpoint", str(untrained), "--device", "cpu", str(image),
+                                                     "--json", str(out)])
+    assert line == (f"toolkit.predict: error: could not write {out} (No space left on device): nothing was written; "
+                    f"free space, or give another --json")
+    assert not (tmp_path / "new").exists() and temporaries(tmp_path) == []
