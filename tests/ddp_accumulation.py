@@ -1,7 +1,9 @@
 """Launched by test_distributed.py on 2 processes: one trainer steps on batches of 32 per process, another on 2
 micro-batches of 16 with DDP's gradient sync on the second only. After 3 steps (80 images per process: 32, 32
 and 16; the last accumulated step has one micro-batch) their weights must agree to float rounding (SGD is
-linear in the gradient)."""
+linear in the gradient): within 1e-4 of how far the weights moved (measured 4.5e-5: the convolutions' backward
+sums a batch of 16 in another order than one of 32, and gloo's all-reduce adds its own; a wrong weighting of
+the micro-batches would be off by about as much as the weights moved)."""
 
 import sys
 from pathlib import Path
@@ -26,6 +28,6 @@ if one.accelerator.is_main_process:
     print(f"accumulated vs large batch on {one.world_size} processes: max difference {difference:.2e}, "
           f"weights moved up to {moved:.2e}")
 assert accumulated.progress.batch == 5 and one.progress.batch == 3
-assert difference < 1e-6 and moved > 0.1, (difference, moved)
+assert difference < 1e-4 * moved and moved > 0.1, (difference, moved)
 one.close()
 accumulated.close()

@@ -104,3 +104,28 @@ def test_stop_reasons_agree_in_priority_order():
     assert first_request([None, "time_limit", "SIGINT"]) == "SIGINT"
     assert first_request(["SIGINT", "SIGTERM"]) == "SIGTERM"
     assert first_request([None, None]) is None
+
+
+def test_a_non_finite_loss_is_skipped_on_the_device_and_stops_the_run_before_any_save(tmp_path):
+    """The 3rd step's loss is made NaN: the fused optimizer skips that update on the device (the weights stay
+    finite), the sync point before the next checkpoint names the step, and only the checkpoints of steps 1 and 2
+    exist, with finite weights."""
+    from safetensors.torch import load_file
+
+    from toolkit.stopping import NonFiniteLoss
+
+    with tiny_trainer(tmp_path, checkpoint_every_steps=1, log_every_steps=50, keep_last=5) as trainer:
+        real = trainer.forward_backward
+
+        def poisoned(images, labels, weight=1.0):
+            loss = real(images, labels, weight)
+            return loss * float("nan") if trainer.progress.step == 2 else loss
+
+        trainer.forward_backward = poisoned
+        with pytest.raises(NonFiniteLoss, match=r"^loss is not finite at step 3 \(rank 0\)"):
+            trainer.train()
+        assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == ["step-00000001", "step-00000002"]
+    for folder in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())

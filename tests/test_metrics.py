@@ -70,3 +70,30 @@ def test_three_processes_keep_exactly_the_first_misclassified_in_order():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "keep 5: 3 processes, first [5, 300, 700, 709, 718]" in result.stdout
     assert "keep 1000: 3 processes" in result.stdout
+
+
+class Fixed(torch.nn.Module):
+    """Logits that are a fixed function of the input, so the expected answer can be computed directly."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * 3.0
+
+
+def test_sums_equal_a_direct_computation(accelerator):
+    torch.manual_seed(0)
+    images = torch.randn(23, 1, 4, 4)
+    labels = torch.randint(0, 10, (23,))
+    batches = [(images[i:i + 5], labels[i:i + 5]) for i in range(0, 23, 5)]  # the last batch is short
+    result = metrics.evaluate(Fixed(), batches, accelerator, expected_count=23)
+    logits = Fixed()(images)
+    assert result.count == 23
+    assert result.correct == int((logits.argmax(1) == labels).sum())
+    assert result.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert int(result.confusion.sum()) == 23 and result.confusion[labels[0], logits[0].argmax()] >= 1
+    assert result.accuracy == result.correct / 23
+
+
+def test_a_count_that_is_not_the_expected_one_stops(accelerator):
+    batches = [(torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(metrics.EvalCountError, match="evaluated 4 samples across 1 processes, expected exactly 5"):
+        metrics.evaluate(Fixed(), batches, accelerator, expected_count=5)

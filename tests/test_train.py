@@ -96,8 +96,8 @@ def records_of(out):
 
 def test_target_accuracy_stops_with_a_checkpoint_and_the_time_it_took(mnist, tmp_path):
     out = tmp_path / "run"
-    result = run_module("toolkit.train", *TINY_RUN, "--eval-every-steps", "2", "--target-accuracy", "0.3",
-                        "--profile-steps", "2:3", "--output-dir", str(out))
+    result = run_module("toolkit.train", *TINY_RUN, "--ema-decay", "0", "--lr", "1e-3", "--eval-every-steps", "2",
+                        "--target-accuracy", "0.3", "--profile-steps", "2:3", "--output-dir", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     records = records_of(out)
     last = records[-1]
@@ -125,14 +125,18 @@ def test_tensorboard_shows_where_the_time_goes(small_run):
     scalars = set(events.Tags()["scalars"])
     assert {"perf/data_ms_per_step", "perf/step_ms", "perf/tflops", "perf/mfu", "memory/peak_gib"} <= scalars
     assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
+    # each evaluation's confusion matrix and misclassified digits, as pictures
+    assert {"eval/confusion", "eval/misclassified"} <= set(events.Tags()["images"])
+    assert len(events.Images("eval/confusion")) == 2
     assert " data " in result.stdout and "TFLOP/s" in result.stdout
 
 
 def test_early_stopping_after_evaluations_without_improvement(mnist, tmp_path):
     out = tmp_path / "run"
-    # a learning rate too small to change any prediction: every evaluation equals the first
-    result = run_module("toolkit.train", *TINY_RUN, "--lr", "1e-12", "--ema-decay", "0", "--eval-every-steps", "2",
-                        "--early-stop-patience", "2", "--output-dir", str(out))
+    # a learning rate too small to change any prediction (with random last-layer weights: the recommended init
+    # starts with all logits at zero, where the tiniest step changes the argmax): every evaluation equals the first
+    result = run_module("toolkit.train", *TINY_RUN, "--lr", "1e-12", "--init", "default", "--ema-decay", "0",
+                        "--eval-every-steps", "2", "--early-stop-patience", "2", "--output-dir", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert [r["step"] for r in records_of(out)] == [2, 4, 6]
     assert "stopped early at step 6: no better accuracy in the last 2 evaluations" in result.stdout

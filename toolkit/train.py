@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from toolkit import checkpoint, devices, tracking
+from toolkit import checkpoint, devices, plots, tracking
 from toolkit.averaging import WeightAverage
 from toolkit.checkpoint import Checkpoint, TrainProgress
 from toolkit.config import (
@@ -134,6 +134,8 @@ class Trainer:
         self.tally = StepTally(acc.device, self.progress.step)
         self.timer = StepTimer(acc.device)
         self.efficiency = Efficiency(acc.device, self.precision, config.image_size)
+        # every process keeps its first misclassified examples (the selection gathers them), to draw them
+        self.keep_misclassified = plots.MISCLASSIFIED_SHOWN
         self.profiler = StepProfiler(parse_step_range(config.profile_steps) if acc.is_main_process else None,
                                      self.output_dir / "profile", acc.device)
         self.checked_at = self.clock_started = time.perf_counter()
@@ -428,6 +430,8 @@ class Trainer:
         self.trackers.log({"eval/loss": result.loss, "eval/accuracy": result.accuracy,
                            "train/epoch_loss": record["train_loss"],
                            "perf/epoch_images_per_sec": self.epoch_rate}, progress.step)
+        if self.accelerator.is_main_process:  # the confusion matrix and the digits it got wrong, as pictures
+            self.trackers.log_images(plots.evaluation_images(result, self.eval_batches.images), progress.step)
         if self.jsonl:
             self.jsonl.log(record)
         self.console.evaluated(record)
@@ -441,7 +445,7 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         """The weights in use (`evaluated_model`) on the whole evaluation set, exact across processes."""
         return evaluate(self.evaluated_model(), self.eval_batches, self.accelerator,
-                        expected_count=self.eval_batches.total)
+                        expected_count=self.eval_batches.total, keep_misclassified=self.keep_misclassified)
 
     @torch.no_grad()
     def infer(self, images: torch.Tensor) -> torch.Tensor:
