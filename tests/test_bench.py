@@ -109,13 +109,13 @@ def test_console_prints_a_table_where_the_json_went_and_the_chart(smoke):
     assert result.stderr.strip() == ""
 
 
-def test_missing_device_exits_2_with_one_line():
+def test_missing_device_exits_2_with_one_line(capsys):
     absent = next(d for d in ("mps", "cuda") if d not in devices.available())
-    result = run_module("toolkit.bench", "--device", absent, *TINY)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"device '{absent}' is not available" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--device", absent, *TINY])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"device '{absent}' is not available" in lines[0], lines
 
 
 def test_trainer_pipeline_without_mnist_is_one_line(tmp_path, monkeypatch, capsys):
@@ -226,3 +226,17 @@ def test_environment_survives_collect_env_failing(monkeypatch):
     found = environment.environment("python -m toolkit.bench", {})
     assert found["collect_env"] == {"error": "OSError: lscpu: not found"}
     assert found["os"] and found["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("batch_size, steps, repeats, expected", [
+    (512, 50, 10, 117 * 512),  # more than an epoch: the whole batches of one
+    (16, 2, 2, 5 * 16),  # warm-up 1 + 2 x 2 steps
+])
+def test_the_trainer_pipeline_reads_whole_batches_only(tmp_path, batch_size, steps, repeats, expected):
+    from toolkit.bench.plan import trainer_config
+
+    case = tiny_case(pipeline="trainer", batch_size=batch_size, warmup=1, steps=steps, repeats=repeats)
+    config = trainer_config(case, tmp_path, tmp_path / "run")
+    assert config.train_samples == expected and config.train_samples % batch_size == 0
+    infer = trainer_config(tiny_case(pipeline="trainer", mode="infer", batch_size=500, steps=20), tmp_path, tmp_path)
+    assert infer.eval_samples == 10_000  # a window is one evaluation of exactly `steps` whole batches

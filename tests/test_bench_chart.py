@@ -149,3 +149,25 @@ def test_a_chart_that_fails_never_loses_the_json(tmp_path, capsys, measured, mon
     out = capsys.readouterr().out
     assert "chart: failed (ValueError: no room on the canvas)" in out
     assert len(json.loads(path.read_text())["results"]) == len(sweep())
+
+
+def test_the_model_step_paired_with_the_trainer_has_its_own_line(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = {}
+    real_plot = Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn[kwargs["label"]] = (list(args[1]), args[2])
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    rows = [r for r in sweep() if r["device"] == "cuda" and r["precision"] == "bf16" and r["mode"] == "train"
+            and r["pipeline"] == "trainer"]
+    for row in rows:
+        row["paired_model_images_per_sec"] = row["images_per_sec"] * 1.05
+    chart.write_chart(rows, tmp_path / "paired.png")
+    assert set(drawn) == {"cuda bf16 trainer", "cuda bf16 model, paired"}
+    trainer, paired = drawn["cuda bf16 trainer"], drawn["cuda bf16 model, paired"]
+    assert paired[0] == pytest.approx([rate * 1.05 for rate in trainer[0]])
+    assert (trainer[1], paired[1]) == ("--", ":")

@@ -1,7 +1,8 @@
 """The PNG beside a results file (X.json -> X.png): images/s against batch size, one panel per mode (train,
-infer), one colour per device and precision, a solid line (circles) for the model-only step and a dashed one
-(squares) for the trainer pipeline, and a line per compile, memory format or image size where those vary in the
-file. Rows without a number (oom, error) are left out."""
+infer), one colour per device and precision; a solid line (circles) for the model-only step, a dashed one
+(squares) for the trainer pipeline and a dotted one for the model-only step in the windows paired with it; and a
+line per compile, memory format or image size where those vary in the file. Rows without a number (oom, error)
+are left out."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 from toolkit.files import write_atomic
 
-PIPELINE_STYLE = {"model": ("-", "o"), "trainer": ("--", "s")}  # line and marker
+PAIRED = "model, paired"  # the model-only step in the windows paired with the trainer's
+PIPELINE_STYLE = {"model": ("-", "o"), "trainer": ("--", "s"), PAIRED: (":", "o")}  # line and marker
 PRECISION_NAMES = {"no": "fp32"}
 VARYING = (("compile", lambda v: "compiled" if v else "eager"),
            ("channels_last", lambda v: "channels_last" if v else "contiguous"),
@@ -28,7 +30,7 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FixedLocator, NullLocator
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         return "chart: skipped, matplotlib is not installed (pip install matplotlib)"
     measured = [r for r in rows if r["status"] == "ok"]
@@ -38,14 +40,15 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
     modes = list(dict.fromkeys(r["mode"] for r in measured))
     lines: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in measured:
-        key = (row["device"], row["precision"], row["pipeline"], *(row[field] for field, _ in varying))
-        lines.setdefault(key, []).append(row)
+        settings = tuple(row[field] for field, _ in varying)
+        lines.setdefault((row["device"], row["precision"], row["pipeline"], *settings), []).append(row)
+        if row.get("paired_model_images_per_sec"):
+            paired = {**row, "images_per_sec": row["paired_model_images_per_sec"]}
+            lines.setdefault((row["device"], row["precision"], PAIRED, *settings), []).append(paired)
     colours = {}  # one per device and precision, the same in every panel
     for key in lines:
         colours.setdefault(key[:2], f"C{len(colours) % 10}")
 
-    rates = [r["images_per_sec"] for r in measured]
-    log_rates = max(rates) / min(rates) > 30  # a CPU beside a GPU: on a linear axis the CPU's line is flat at 0
     figure = Figure(figsize=(6.5 * len(modes), 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     sizes = {r["image_size"] for r in measured}
@@ -54,6 +57,8 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
     for index, mode in enumerate(modes):
         axes = figure.add_subplot(1, len(modes), index + 1)
         axes.set_title(mode)
+        rates = [r["images_per_sec"] for found in lines.values() for r in found if r["mode"] == mode]
+        log_rates = max(rates) / min(rates) > 30  # a CPU beside a GPU: on a linear axis its line is flat at 0
         for key, found in lines.items():
             points = sorted((r["batch_size"], r["images_per_sec"]) for r in found if r["mode"] == mode)
             if not points:
@@ -69,6 +74,8 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
         axes.set_xticklabels([str(b) for b in batch_sizes])
         if log_rates:
             axes.set_yscale("log")
+            axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else
+                                                         f"{value:g}"))
         else:
             axes.set_ylim(bottom=0)
         axes.set_xlabel("batch size (per process)")

@@ -62,7 +62,7 @@ def plan(args: argparse.Namespace, announce: Callable[[str], None]) -> tuple[lis
         if args.compile and not compiles(device, skip=args.device == "all", announce=announce):
             continue
         precisions = []
-        for wanted in dict.fromkeys(args.precision):
+        for wanted in args.precision:
             if wanted != "auto" and wanted not in devices.supported_precisions(device):
                 message = (f"--precision {wanted} is not supported on {device}; supported: "
                            f"{', '.join(devices.supported_precisions(device))}")
@@ -130,7 +130,9 @@ def trainer_config(case: Case, data_dir: Path, output_dir: Path) -> TrainConfig:
     overrides = {
         "device": case.device, "precision": case.precision, "channels_last": str(case.channels_last).lower(),
         "compile": case.compile, "image_size": case.image_size, "batch_size": batch, "eval_batch_size": batch,
-        "train_samples": min(train_batches * batch, MNIST_TRAIN_IMAGES),
+        # whole batches only: the windows may run on into the next epoch, and a short last batch in one would
+        # change the shapes (cuDNN autotuning, recompilation) and the images a window is counted for
+        "train_samples": min(train_batches, MNIST_TRAIN_IMAGES // batch) * batch,
         "eval_samples": min(eval_batches * batch, MNIST_TEST_IMAGES),
         "data_dir": str(data_dir), "download": False, "output_dir": str(output_dir), "resume": "",
         "max_steps": 0, "checkpoint_every_steps": 0,
