@@ -229,6 +229,9 @@ for record in load("recipe-metrics.jsonl") or []:
     print(f"recipe: epoch {record.get('epoch')}: eval accuracy {record.get('eval_accuracy', 0):.2%}, "
           f"{rate(record.get('images_per_sec', 0))} images/s over {record.get('epoch_s', 0):.1f} s of training; "
           f"{os.environ['WALL_S']} s end to end (start-up, evaluation and the checkpoint included)")
+    reached = {key: value for key, value in record.items() if key.startswith("time_to")}  # when the trainer
+    if reached:  # records time to a target accuracy
+        print("recipe:", ", ".join(f"{key} {value}" for key, value in reached.items()))
 for row in rows(load("variants.json")):
     print("variant:", bench_line(row))
 for row in rows(load("reference.json")):
