@@ -16,8 +16,8 @@ malloc setting, thread count and Accelerate's one-precision-per-process state mu
   reference's recipe, at the same image size (224 px: the reference's network takes no other), batch and
   precision.
 
-Each is timed end to end, data loading included: warm-up steps, then windows of --steps steps with
-devices.synchronize at both ends; images/s is the median over --repeats windows.
+Each is timed end to end, data loading included, in the same windows as toolkit.bench (benchmarks/README.md,
+"What is measured, and how"): images/s is the median over --repeats windows of --steps steps.
 """
 
 from __future__ import annotations
@@ -31,16 +31,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from toolkit import bench, devices
-from toolkit.config import ArgumentParser, coerce
-from toolkit.data import DataError, resolve_data_dir
+from toolkit import devices
+from toolkit.bench.cli import at_least, config_value
+from toolkit.bench.environment import REPO_ROOT, environment
+from toolkit.bench.peaks import COMPUTE_DTYPES
+from toolkit.bench.plan import Case
+from toolkit.bench.results import default_json_path, write_json
+from toolkit.bench.tables import console_for_tables
+from toolkit.bench.timing import timed
+from toolkit.bench.worker import run_in_processes
+from toolkit.config import PRECISIONS, ArgumentParser
+from toolkit.data import DataError, mnist_present, resolve_data_dir
 from toolkit.errors import UsageError, exit_on_user_error
 
 PROG = "compare_reference.py"
@@ -87,7 +94,7 @@ def run_reference(reference_dir: Path, device_kind: str, precision: str, image_s
     from torchvision.transforms import transforms
 
     root = resolve_data_dir()
-    if not bench.mnist_present(root):
+    if not mnist_present(root):
         raise DataError(f"MNIST is not in {root / 'MNIST' / 'raw'}: set $TOOLKIT_DATA_DIR to the folder holding "
                         f"MNIST/")
     settings = reference_settings(reference_dir)
@@ -98,7 +105,7 @@ def run_reference(reference_dir: Path, device_kind: str, precision: str, image_s
     net = load_reference_model(reference_dir)().to(device)
     loss = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=settings["learning_rate"])
-    dtype = bench.MATMUL_DTYPES[precision]
+    dtype = COMPUTE_DTYPES[precision]
     autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "no")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batches = reference_batches(loader)
@@ -116,14 +123,9 @@ def run_reference(reference_dir: Path, device_kind: str, precision: str, image_s
             scaler.update()
 
     devices.reset_peak_memory(device)
-    run(warmup)
-    seconds = []
-    for _ in range(repeats):
-        devices.synchronize(device)  # the window opens on an idle device...
-        started = time.perf_counter()
-        run(steps)
-        devices.synchronize(device)  # ...and closes when the work queued in it is done
-        seconds.append(time.perf_counter() - started)
+    window = timed(run, device)
+    window(warmup)
+    seconds = [window(steps) for _ in range(repeats)]
     rates = [steps * batch_size / s for s in seconds]
     return {"side": "reference" if precision == "no" else f"reference + {precision} autocast",
             "precision": precision, "batch_size": batch_size, "image_size": image_size,
@@ -152,11 +154,11 @@ def side_in_process(args: argparse.Namespace, precision: str) -> dict[str, Any]:
 
 def toolkit_side(args: argparse.Namespace, precision: str, known: dict[str, Any],
                  workers: dict[str, Any]) -> dict[str, Any]:
-    case = bench.Case(device=args.device, mode="train", pipeline="trainer", batch_size=args.batch_size,
+    case = Case(device=args.device, mode="train", pipeline="trainer", batch_size=args.batch_size,
                       precision=precision, channels_last=devices.use_channels_last(args.device), compile=False,
                       image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                       recipe=str(SEED_RECIPE), requested_precision=precision)
-    row = bench.run_in_processes([case], known, announce=lambda line: None, workers=workers)[0]
+    row = run_in_processes([case], known, announce=lambda line: None, workers=workers)[0]
     row["side"] = "toolkit trainer"
     return row
 
@@ -165,14 +167,17 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--reference-dir", type=Path, default=DEFAULT_REFERENCE,
                         help=f"folder holding the reference's model.py and train.py (default {DEFAULT_REFERENCE})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    parser.add_argument("--precision", default="auto",
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="auto, cpu, cuda or mps (default auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="no, bf16, fp16 or auto (the trainer's choice for the device); the reference is also "
                              "measured as written, in fp32 (default auto)")
-    parser.add_argument("--batch-size", default="", help="both sides (default: the reference's `batch`)")
-    parser.add_argument("--warmup", default="3", help="untimed steps first (default 3)")
-    parser.add_argument("--steps", default="10", help="steps per timed window (default 10)")
-    parser.add_argument("--repeats", default="1", help="timed windows; the median is reported (default 1)")
+    parser.add_argument("--batch-size", default=None, type=config_value("batch_size", "--batch-size"),
+                        help="both sides (default: the reference's `batch`)")
+    parser.add_argument("--warmup", default=3, type=at_least(0), help="untimed steps first (default 3)")
+    parser.add_argument("--steps", default=10, type=at_least(1), help="steps per timed window (default 10)")
+    parser.add_argument("--repeats", default=1, type=at_least(1),
+                        help="timed windows; the median is reported (default 1)")
     parser.add_argument("--json", default="", help="where to write the results (default "
                                                    "benchmarks/results/reference-<device>-<YYYYMMDD>.json)")
     parser.add_argument("--_side", help=argparse.SUPPRESS)
@@ -185,13 +190,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--reference-dir {args.reference_dir} does not hold the reference's model.py and train.py")
     args.device = devices.resolve(args.device)
     args.image_size = REFERENCE_IMAGE_SIZE
-    args.batch_size = coerce("batch_size", args.batch_size or reference_settings(args.reference_dir)["batch"],
-                             "--batch-size")
-    args.warmup = bench.counted("--warmup", 0)(args.warmup)
-    args.steps = bench.counted("--steps", 1)(args.steps)
-    args.repeats = bench.counted("--repeats", 1)(args.repeats)
-    if args.precision not in bench.PRECISIONS:
-        raise UsageError(f"--precision: '{args.precision}' is not one of {', '.join(bench.PRECISIONS)}")
+    if args.batch_size is None:
+        args.batch_size = config_value("batch_size", "--batch-size")(reference_settings(args.reference_dir)["batch"])
     if args.precision != "auto" and args.precision not in devices.supported_precisions(args.device):
         raise UsageError(f"--precision {args.precision} is not supported on {args.device}; supported: "
                          f"{', '.join(devices.supported_precisions(args.device))}")
@@ -216,7 +216,7 @@ def print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                  if ok and toolkit["status"] == "ok" and row is not toolkit else None)
         table.add_row(row["side"], row["precision"], f"{row['images_per_sec']:,.1f}" if ok else row["status"],
                       f"{step_ms:,.1f}" if ok else "-", f"{ratio:.2f}x" if ratio else "")
-    console = bench.console_for_tables()
+    console = console_for_tables()
     console.print(table)
     for row in rows:
         if row["status"] != "ok":
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.warmup, args.steps, args.repeats)
             Path(args._side).write_text(json.dumps(row))
             return 0
-        if not bench.mnist_present(resolve_data_dir()):
+        if not mnist_present(resolve_data_dir()):
             raise DataError(f"MNIST is not in {resolve_data_dir() / 'MNIST' / 'raw'}: set $TOOLKIT_DATA_DIR to the "
                             f"folder holding MNIST/")
         known: dict[str, Any] = {}
@@ -250,13 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows[:-1]:
             ok = row["status"] == toolkit["status"] == "ok"
             row["toolkit_over_this"] = toolkit["images_per_sec"] / row["images_per_sec"] if ok else None
-        environment = bench.environment(argv, workers)
-        environment["command"] = " ".join(["python benchmarks/compare_reference.py", *argv])
+        context = environment(" ".join(["python benchmarks/compare_reference.py", *argv]), workers)
         # paths as the project sees them, not as this machine lays them out
-        environment["reference_dir"] = os.path.relpath(args.reference_dir, bench.REPO_ROOT)
-        rows[-1]["recipe"] = os.path.relpath(rows[-1]["recipe"], bench.REPO_ROOT)
-        path = Path(args.json) if args.json else bench.default_json_path(f"reference-{args.device}")
-        bench.write_json(path, {"environment": environment, "results": rows})
+        context["reference_dir"] = os.path.relpath(args.reference_dir, REPO_ROOT)
+        rows[-1]["recipe"] = os.path.relpath(rows[-1]["recipe"], REPO_ROOT)
+        path = Path(args.json) if args.json else default_json_path(f"reference-{args.device}")
+        write_json(path, {"environment": context, "results": rows})
         print(f"results: {path}")
         return 0 if all(row["status"] == "ok" for row in rows) else 1
 

@@ -1,56 +1,243 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run, so a lent GPU is used once and briefly:
-#   1. the recommended recipe, one epoch on one GPU in bf16 through launch/cuda.yaml (images/s, epoch time,
-#      accuracy after the first epoch);
-#   2. the benchmark sweep: batch 64-512 x fp32/bf16 x channels-last on/off, train and infer, both pipelines;
-#   3. the reference loop against the toolkit's trainer on the same GPU.
-# Results land in $RESULTS (default benchmarks/results/gpu-<date>/): JSON files and a log of each step.
-#   benchmarks/gpu_check.sh                       # on the GPU machine, from the repository root
-#   DEVICE=cpu QUICK=1 benchmarks/gpu_check.sh    # a rehearsal on any machine: tiny sizes, same commands
+# Every check that needs a CUDA GPU, in one call of under 8 minutes, the most valuable numbers first. Each step
+# has its own time limit and all share one budget (BUDGET_S): a step that would run past it is cut short or
+# skipped, and what the steps before it wrote is already in $OUT (at most 8 small files, never checkpoints):
+#   1. preflight: GPU, torch, accelerate, MNIST and the reference in place              -> preflight.json
+#   2. the trainer pipeline against the model-only step, paired, bf16, channels_last,
+#      batch 256 and 512: images/s, their ratio, MFU                                      -> paired.json, paired.png
+#   3. the recommended recipe's first epoch (--max-steps 469): accuracy, images/s        -> recipe-metrics.jsonl
+#   4. variants at batch 512: contiguous memory, fp32, --compile; inference at batch 500 -> variants.json
+#   5. the reference loop and the toolkit's trainer on the same GPU                      -> reference.json
+# log.txt holds every step's output and a summary at its end.
+#
+#   bash benchmarks/gpu_check.sh --prepare     # here, once: MNIST (gzip) and the reference into gpu-data/
+#   bash benchmarks/gpu_check.sh               # on the GPU machine: run(..., carry=["gpu-data"], timeout_s=540)
+#   OUT=/tmp/gpucheck DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh    # a rehearsal on the CPU: tiny sizes
+# Settings: OUT (default benchmarks/results/gpu-<date>), DEVICE (cuda), QUICK, BUDGET_S, PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TOOLKIT_DATA_DIR="${TOOLKIT_DATA_DIR:-../shared/data}" PYTHONUNBUFFERED=1
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"   # runs without installing the package
+MNIST_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
+PACK=gpu-data  # ignored by git; travels to the GPU machine as a carried folder
+
+if [ "${1:-}" = --prepare ]; then  # here, beside ../shared: fill gpu-data/ for the GPU machine
+    set -e
+    data="${TOOLKIT_DATA_DIR:-../shared/data}/MNIST/raw"
+    reference="${REFERENCE_DIR:-../shared/reference/seed}"
+    rm -rf "$PACK"
+    mkdir -p "$PACK/mnist" "$PACK/reference"
+    for name in "${MNIST_FILES[@]}"; do
+        gzip --no-name -c "$data/$name" >"$PACK/mnist/$name.gz"
+    done
+    cp "$reference/model.py" "$reference/train.py" "$PACK/reference/"
+    # the code these files were prepared beside (the GPU machine's copy of the tree has no git)
+    { git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && echo dirty || echo clean; } \
+        >"$PACK/commit" 2>/dev/null || true
+    du -sh "$PACK"
+    exit 0
+fi
+
+PYTHON="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
-RESULTS="${RESULTS:-benchmarks/results/gpu-$(date +%Y%m%d)}"
-mkdir -p "$RESULTS"
-if [ -n "${QUICK:-}" ]; then
-    SIZE=65; BATCHES=16,32; TIMING=(--warmup 1 --steps 2 --repeats 2); EPOCH=(--max-steps 20 --eval-samples 500)
-    REFERENCE=(--warmup 1 --steps 2)
+OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/log.txt"
+: >"$LOG"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/toolkit-gpu-check.XXXXXX")"  # unpacked data, the recipe's run folder
+trap 'rm -rf "$WORK"' EXIT
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+status=0
+
+if [ -n "${QUICK:-}" ]; then  # the same steps and files, at sizes a busy 2-core CPU gets through in 5 minutes
+    BUDGET_S="${BUDGET_S:-285}"
+    SIZE=65; PAIRED=(--batch-size 16 --warmup 1 --steps 1 --repeats 2)
+    RECIPE=(--image-size 65 --batch-size 16 --max-steps 4 --eval-samples 100 --log-every-steps 2)
+    BATCH=8; WARMUP=1; STEPS=1; REPEATS=1; INFER_BATCH=8; INFER_STEPS=1
+    COMPILE_WARMUP=0  # compile skipped: inductor takes minutes on two cores (rehearse it apart with --compile)
+    REFERENCE=(--batch-size 2 --warmup 0 --steps 1 --repeats 1)
 else
-    SIZE=224; BATCHES=64,128,256,512; TIMING=(--warmup 10 --steps 50 --repeats 5); EPOCH=(--max-steps 469)
+    BUDGET_S="${BUDGET_S:-440}"
+    SIZE=224; PAIRED=(--batch-size 256,512 --warmup 20 --steps 50 --repeats 10)
+    RECIPE=(--max-steps 469 --log-every-steps 50)  # the default recipe's first epoch: 469 steps of 128
+    BATCH=512; WARMUP=20; STEPS=50; REPEATS=5; COMPILE_WARMUP=30
+    INFER_BATCH=500; INFER_STEPS=20  # a trainer inference window is one evaluation: the 10,000 test images
     REFERENCE=(--warmup 5 --steps 50 --repeats 3)
 fi
-status=0
-step() { echo "=== $1"; shift; "$@" 2>&1 | tee -a "$RESULTS/log.txt"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc; }
+if [ "$DEVICE" = cuda ]; then LAUNCH_CONFIG=launch/cuda.yaml; else LAUNCH_CONFIG=launch/cpu.yaml; fi
 
-step "environment" python -c "import torch, accelerate; print(torch.__version__, accelerate.__version__, \
-torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+say() { echo "$*" | tee -a "$LOG"; }
 
-# 1. One epoch of the recommended recipe (8-epoch schedule, stopped after its first epoch: 469 steps of 128).
-if [ "$DEVICE" = cuda ]; then
-    LAUNCH=(accelerate launch --config_file launch/cuda.yaml)
+# step NAME LIMIT_S COMMAND...: run it under its own limit, cut to what is left of the budget
+step() {
+    local name=$1 limit=$2 left=$((BUDGET_S - SECONDS)) started=$SECONDS rc
+    shift 2
+    if [ "$left" -lt 15 ]; then
+        say "=== $name: skipped, ${left} s of the ${BUDGET_S} s budget left"
+        status=1
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    say "=== $name (limit ${limit} s, at ${SECONDS} s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        say "=== $name: stopped at its limit of ${limit} s"
+    else
+        say "=== $name: exit ${rc} after $((SECONDS - started)) s"
+    fi
+    [ "$rc" = 0 ] || status=1
+    return "$rc"
+}
+
+# --- data: MNIST unpacked from gpu-data/ (else $TOOLKIT_DATA_DIR as it is), the reference beside it
+if [ -d "$PACK/mnist" ]; then
+    mkdir -p "$WORK/data/MNIST/raw"
+    for name in "${MNIST_FILES[@]}"; do
+        gunzip -c "$PACK/mnist/$name.gz" >"$WORK/data/MNIST/raw/$name" || say "cannot unpack $PACK/mnist/$name.gz"
+    done
+    export TOOLKIT_DATA_DIR="$WORK/data"
 else
-    LAUNCH=(accelerate launch --config_file launch/cpu.yaml)
+    export TOOLKIT_DATA_DIR="${TOOLKIT_DATA_DIR:-../shared/data}"
+    say "note: no $PACK/ (bash benchmarks/gpu_check.sh --prepare makes it); MNIST from $TOOLKIT_DATA_DIR"
 fi
-step "recipe, first epoch" "${LAUNCH[@]}" toolkit/train.py --device "$DEVICE" --image-size "$SIZE" "${EPOCH[@]}" \
-    --log-every-steps 100 --output-dir "$RESULTS/recipe-run"
-cp "$RESULTS/recipe-run/metrics.jsonl" "$RESULTS/recipe-metrics.jsonl" 2>/dev/null
+if [ -d "$PACK/reference" ]; then REFERENCE_DIR="$PACK/reference"; else REFERENCE_DIR=../shared/reference/seed; fi
+export DEVICE REFERENCE_DIR OUT PACK
 
-# 2. The sweep, with and without channels-last, then their ratio.
-for layout in channels-last no-channels-last; do
-    step "sweep $layout" python -m toolkit.bench --device "$DEVICE" --mode both --pipeline both \
-        --batch-size "$BATCHES" --precision no,bf16 "--$layout" --image-size "$SIZE" "${TIMING[@]}" \
-        --json "$RESULTS/bench-$layout.json"
-done
-step "channels-last / contiguous" python -m toolkit.bench --compare "$RESULTS/bench-no-channels-last.json" \
-    "$RESULTS/bench-channels-last.json"
+# --- 1. preflight
+step "preflight" 60 "$PYTHON" - <<'EOF'
+import importlib.util, json, os, platform, sys
+from pathlib import Path
 
-# 3. The reference loop (PIL resize, DataLoader, SGD) and the toolkit's trainer at 224 px, batch 64.
-if [ -d ../shared/reference/seed ]; then
-    step "reference" python benchmarks/compare_reference.py --device "$DEVICE" --precision bf16 "${REFERENCE[@]}" \
-        --json "$RESULTS/reference.json"
+import accelerate, torch
+
+from toolkit import devices
+from toolkit.data import mnist_present, resolve_data_dir
+from toolkit.errors import UsageError
+
+device = os.environ["DEVICE"]
+facts = {"python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__,
+         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "device": device,
+         "device_available": device in devices.available(), "cpu_model": devices.cpu_model(),
+         "cpu_cores": os.cpu_count()}
+if device == "cuda" and torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    facts.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                 multiprocessors=props.multi_processor_count, bf16=torch.cuda.is_bf16_supported())
+root = resolve_data_dir()
+facts.update(mnist=mnist_present(root), reference=(Path(os.environ["REFERENCE_DIR"]) / "model.py").is_file(),
+             matplotlib=importlib.util.find_spec("matplotlib") is not None)
+try:
+    devices.check_compile(device)
+    facts["compile"] = "ok"
+except UsageError as error:
+    facts["compile"] = str(error)
+commit = Path(os.environ["PACK"]) / "commit"
+facts["prepared_beside"] = commit.read_text().split() if commit.is_file() else None
+Path(os.environ["OUT"], "preflight.json").write_text(json.dumps(facts, indent=2) + "\n")
+for key, value in facts.items():
+    print(f"{key}: {value}")
+sys.exit(0 if facts["device_available"] and facts["mnist"] else 1)
+EOF
+
+# --- 2. the data path's cost: trainer pipeline vs the model-only step, paired in one process
+step "paired: trainer vs model, bf16, channels_last" 150 "$PYTHON" -m toolkit.bench --device "$DEVICE" --mode train \
+    --pipeline trainer --precision bf16 --channels-last --image-size "$SIZE" "${PAIRED[@]}" --json "$OUT/paired.json"
+
+# --- 3. the recommended recipe's first epoch, end to end (its checkpoint stays in $WORK)
+recipe_started=$SECONDS
+step "recipe, first epoch" 180 "$PYTHON" -m accelerate.commands.launch --config_file "$LAUNCH_CONFIG" \
+    toolkit/train.py --device "$DEVICE" "${RECIPE[@]}" --output-dir "$WORK/recipe"
+echo $((SECONDS - recipe_started)) >"$WORK/recipe-wall-s"
+cp "$WORK/recipe/metrics.jsonl" "$OUT/recipe-metrics.jsonl" 2>/dev/null || say "recipe: no metrics.jsonl"
+
+# --- 4. variants at one batch size, each merged into variants.json as it arrives
+variant() {  # variant NAME LIMIT_S FLAGS...
+    local name=$1 limit=$2
+    shift 2
+    step "variant: $name" "$limit" "$PYTHON" -m toolkit.bench --device "$DEVICE" --pipeline trainer \
+        --image-size "$SIZE" --no-chart --json "$WORK/variant-$name.json" "$@"
+    [ -f "$WORK/variant-$name.json" ] || return 0
+    "$PYTHON" - "$OUT/variants.json" "$WORK"/variant-*.json <<'EOF'
+import json, sys
+documents = [json.load(open(path)) for path in sys.argv[2:]]
+merged = {"environment": {**documents[0]["environment"], "command": [d["environment"]["command"] for d in documents]},
+          "results": [row for d in documents for row in d["results"]]}
+with open(sys.argv[1], "w") as out:
+    json.dump(merged, out, indent=2)
+EOF
+}
+TIMING=(--steps "$STEPS" --repeats "$REPEATS")
+variant contiguous 60 --mode train --batch-size "$BATCH" --precision bf16 --no-channels-last --warmup "$WARMUP" \
+    "${TIMING[@]}"
+variant fp32 60 --mode train --batch-size "$BATCH" --precision no --channels-last --warmup "$WARMUP" "${TIMING[@]}"
+variant infer 60 --mode infer --batch-size "$INFER_BATCH" --precision bf16 --channels-last --warmup "$INFER_STEPS" \
+    --steps "$INFER_STEPS" --repeats "$REPEATS"
+if [ "$COMPILE_WARMUP" -gt 0 ]; then
+    variant compile 120 --mode train --batch-size "$BATCH" --precision bf16 --channels-last --compile \
+        --warmup "$COMPILE_WARMUP" "${TIMING[@]}"
 else
-    echo "=== reference: skipped, ../shared/reference/seed is not beside this checkout" | tee -a "$RESULTS/log.txt"
+    say "=== variant: compile: skipped (QUICK)"
 fi
+
+# --- 5. the reference loop (PIL resize, DataLoader, SGD) against the toolkit's trainer at 224 px
+step "reference loop vs toolkit" 120 "$PYTHON" benchmarks/compare_reference.py --device "$DEVICE" --precision bf16 \
+    --reference-dir "$REFERENCE_DIR" "${REFERENCE[@]}" --json "$OUT/reference.json"
+
+# --- the numbers that matter, last in the log (and in the output's tail)
+WALL_S="$(cat "$WORK/recipe-wall-s")" "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG"
+import json, os
+from pathlib import Path
+
+out = Path(os.environ["OUT"])
+
+
+def load(name):
+    path = out / name
+    try:
+        return json.loads(path.read_text()) if path.suffix == ".json" else [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+
+
+def rows(document):
+    return document["results"] if document else []
+
+
+def rate(value):
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def bench_line(row):
+    flags = [row["mode"], f"batch {row['batch_size']}", "fp32" if row["precision"] == "no" else row["precision"],
+             "channels_last" if row["channels_last"] else "contiguous"] + (["compiled"] if row["compile"] else [])
+    if row.get("status") != "ok":
+        return f"{' '.join(flags)}: {row['status']}: {row.get('message', '')}"
+    line = f"{' '.join(flags)}: {rate(row['images_per_sec'])} images/s"
+    if row.get("trainer_over_model"):
+        line += f" (model-only {rate(row['paired_model_images_per_sec'])}, trainer/model {row['trainer_over_model']:.3f})"
+    return line + f", MFU {row['mfu']:.1%} of {row['peak_tflops']:.3g} TFLOP/s"
+
+
+print("=== summary")
+preflight = load("preflight.json") or {}
+print(f"device: {preflight.get('gpu') or preflight.get('cpu_model')}; torch {preflight.get('torch')}, "
+      f"accelerate {preflight.get('accelerate')}")
+for row in rows(load("paired.json")):
+    print("paired:", bench_line(row))
+for record in load("recipe-metrics.jsonl") or []:
+    print(f"recipe: epoch {record.get('epoch')}: eval accuracy {record.get('eval_accuracy', 0):.2%}, "
+          f"{rate(record.get('images_per_sec', 0))} images/s over {record.get('epoch_s', 0):.1f} s of training; "
+          f"{os.environ['WALL_S']} s end to end (start-up, evaluation and the checkpoint included)")
+    reached = {key: value for key, value in record.items() if key.startswith("time_to")}  # when the trainer
+    if reached:  # records time to a target accuracy
+        print("recipe:", ", ".join(f"{key} {value}" for key, value in reached.items()))
+for row in rows(load("variants.json")):
+    print("variant:", bench_line(row))
+for row in rows(load("reference.json")):
+    ratio = f", toolkit {row['toolkit_over_this']:.2f}x this" if row.get("toolkit_over_this") else ""
+    speed = f"{rate(row['images_per_sec'])} images/s" if row.get("status") == "ok" else row.get("status")
+    print(f"reference: {row['side']}: {speed}{ratio}")
+EOF
+say "=== done in ${SECONDS} s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $status

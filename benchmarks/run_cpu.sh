@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The commands behind the CPU tables in benchmarks/README.md. Run on a quiet machine (nothing else busy: two
-# cores are easily shared away), from anywhere; results land in benchmarks/results/.
+# cores are easily shared away), from anywhere; results (JSON, and a chart beside each) land in benchmarks/results/.
 #   benchmarks/run_cpu.sh                                  # the recorded settings (about 20 minutes on 2 cores)
 #   WARMUP=1 STEPS=1 REPEATS=1 PAIRED_STEPS=1 PAIRED_REPEATS=2 RESULTS=/tmp/check benchmarks/run_cpu.sh   # a quick check that each command runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOOLKIT_DATA_DIR="${TOOLKIT_DATA_DIR:-../shared/data}"  # the folder holding MNIST/raw/
+REFERENCE_DIR="${REFERENCE_DIR:-../shared/reference/seed}"  # the reference's model.py and train.py
 WARMUP="${WARMUP:-3}"
 STEPS="${STEPS:-10}"
 REPEATS="${REPEATS:-3}"
@@ -30,5 +31,5 @@ python -m toolkit.bench --device cpu --mode both --pipeline model --image-size 1
 
 # 3. Against the reference loop (PIL resize, DataLoader, SGD), 224 px, batch 64: as written (fp32), with bf16
 #    autocast, and the toolkit's trainer in bf16 (target: toolkit >= 2x the reference).
-python benchmarks/compare_reference.py --device cpu --precision bf16 "${TIMING[@]}" \
+python benchmarks/compare_reference.py --device cpu --precision bf16 --reference-dir "$REFERENCE_DIR" "${TIMING[@]}" \
     --json "$RESULTS/reference-cpu-224px-b64-$DATE.json"

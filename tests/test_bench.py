@@ -1,6 +1,7 @@
-"""toolkit.bench on tiny CPU configurations: the JSON it writes, its one-line errors, the out-of-memory path and
---compare. No assertion is about speed (the machine is shared and noisy): numbers need only be there, positive
-and finite."""
+"""toolkit.bench on tiny CPU configurations: the JSON and chart it writes, its one-line errors, the out-of-memory
+path, synthetic data, process groups and GPU peaks. No assertion is about speed (the machine is shared and noisy):
+numbers need only be there, positive and finite. --compare: test_bench_compare.py; the chart:
+test_bench_chart.py; timing windows: test_bench_timing.py."""
 
 import json
 import math
@@ -10,34 +11,38 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import mnist_root, run_module
 
-from toolkit import bench, devices
+from toolkit import devices
+from toolkit.bench import cli, environment, measure, peaks, worker
+from toolkit.bench.plan import Case
 
 # 65 px is the smallest input the network takes; one step per window keeps a configuration to seconds.
 TINY = ["--image-size", "65", "--batch-size", "2", "--warmup", "1", "--steps", "1", "--repeats", "2"]
 ROW_FIELDS = {
     "device", "device_name", "mode", "pipeline", "batch_size", "precision", "channels_last", "compile",
     "image_size", "images_per_sec", "step_ms", "peak_memory", "gflop_per_image", "achieved_tflops",
-    "peak_tflops", "mfu", "status", "message", "trainer_over_model",
+    "peak_tflops", "mfu", "status", "message", "trainer_over_model", "paired_model_images_per_sec",
 }
-ENVIRONMENT_FIELDS = {"torch", "accelerate", "os", "cpu_model", "devices", "git_commit", "date", "command"}
+ENVIRONMENT_FIELDS = {"torch", "accelerate", "torchvision", "python", "os", "cpu_model", "cpu_cores", "devices",
+                      "git_commit", "git_dirty", "date", "command", "method", "collect_env"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def tiny_case(**changes) -> bench.Case:
+def tiny_case(**changes) -> Case:
     fields = dict(device="cpu", mode="train", pipeline="model", batch_size=2, precision="no", channels_last=True,
                   compile=False, image_size=65, warmup=0, steps=1, repeats=1)
-    return bench.Case(**{**fields, **changes})
+    return Case(**{**fields, **changes})
 
 
 @pytest.fixture
 def in_process(monkeypatch):
     """Running cases in the test process: a fresh Accelerate state around each test (it holds one precision
     per process) and a small matmul for the peak."""
-    monkeypatch.setitem(bench.MATMUL_SIZE, "cpu", 256)
-    monkeypatch.setattr(bench, "MATMUL_SECONDS", 0.01)
+    monkeypatch.setitem(peaks.MATMUL_SIZE, "cpu", 256)
+    monkeypatch.setattr(peaks, "MATMUL_SECONDS", 0.01)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
@@ -47,19 +52,24 @@ def in_process(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The one run of the real command: both pipelines, training, in worker processes."""
     if mnist_root() is None:
         pytest.skip("MNIST is not on this machine (the trainer pipeline reads it): set TOOLKIT_DATA_DIR")
     path = tmp_path_factory.mktemp("bench") / "results" / "cpu.json"
     result = run_module("toolkit.bench", "--device", "cpu", "--mode", "train", "--pipeline", "both", *TINY,
                         "--json", str(path), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(path.read_text()), result
+    return json.loads(path.read_text()), result, path
 
 
 def test_json_holds_the_environment_and_a_row_per_pipeline(smoke):
-    document, _ = smoke
-    assert ENVIRONMENT_FIELDS <= set(document["environment"])
-    assert document["environment"]["devices"]["cpu"]["torch_threads"] >= 1
+    document, _, _ = smoke
+    environment_ = document["environment"]
+    assert ENVIRONMENT_FIELDS <= set(environment_), ENVIRONMENT_FIELDS - set(environment_)
+    assert environment_["devices"]["cpu"]["torch_threads"] >= 1
+    assert environment_["method"].startswith("benchmarks/README.md")
+    assert environment_["command"].startswith("python -m toolkit.bench --device cpu")
+    assert "pip_packages" in environment_["collect_env"] and "cpu_info" not in environment_["collect_env"]
     rows = document["results"]
     assert [(r["pipeline"], r["mode"]) for r in rows] == [("model", "train"), ("trainer", "train")]
     for row in rows:
@@ -73,66 +83,99 @@ def test_json_holds_the_environment_and_a_row_per_pipeline(smoke):
 
 
 def test_every_measured_number_is_positive_and_finite(smoke):
-    document, _ = smoke
+    document, _, _ = smoke
     for row in document["results"]:
         for key in ("images_per_sec", "gflop_per_image", "achieved_tflops", "peak_tflops", "mfu", "matmul_tflops"):
             assert positive_finite(row[key]), (key, row[key])
         assert all(positive_finite(v) for v in row["step_ms"].values())
         assert positive_finite(row["peak_memory"]["cpu_peak_rss"])
         assert row["mfu"] < 1
+        # images/s is the median of the windows' rates, and the step time is its inverse per batch
+        assert row["images_per_sec"] == pytest.approx(sorted(row["images_per_sec_windows"])[0] / 2
+                                                      + sorted(row["images_per_sec_windows"])[1] / 2)
     model, trainer = document["results"]
-    assert model["trainer_over_model"] is None
+    assert model["trainer_over_model"] is None and model["paired_model_images_per_sec"] is None
     assert positive_finite(trainer["trainer_over_model"])
+    assert positive_finite(trainer["paired_model_images_per_sec"])
 
 
-def test_console_prints_a_table_and_where_the_json_went(smoke):
-    document, result = smoke
+def test_console_prints_a_table_where_the_json_went_and_the_chart(smoke):
+    _, result, path = smoke
     assert "images/s" in result.stdout and "peak memory" in result.stdout
-    assert "results: " in result.stdout
+    assert f"results: {path}" in result.stdout
+    chart = path.with_suffix(".png")
+    assert f"chart: {chart}" in result.stdout
+    assert chart.read_bytes().startswith(PNG_SIGNATURE)
     assert result.stderr.strip() == ""
 
 
-def test_missing_device_exits_2_with_one_line():
+def test_missing_device_exits_2_with_one_line(capsys):
     absent = next(d for d in ("mps", "cuda") if d not in devices.available())
-    result = run_module("toolkit.bench", "--device", absent, *TINY)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"device '{absent}' is not available" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--device", absent, *TINY])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"device '{absent}' is not available" in lines[0], lines
 
 
-def test_trainer_pipeline_without_mnist_is_one_line(tmp_path):
-    result = run_module("toolkit.bench", "--pipeline", "trainer", *TINY, env={"TOOLKIT_DATA_DIR": str(tmp_path)})
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--pipeline model" in lines[0], result.stderr
+def test_trainer_pipeline_without_mnist_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TOOLKIT_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--device", "cpu", "--pipeline", "trainer", *TINY])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--pipeline model" in lines[0], lines
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "2,x"], "batch_size: expected an integer"),
-    (["--precision", "fp8"], "--precision: 'fp8' is not one of"),
+    (["--batch-size", "2,x"], "batch_size: expected an integer, got 'x' (--batch-size)"),
+    (["--batch-size", ","], "argument --batch-size: expected one value or a comma-separated list"),
+    (["--precision", "fp8"], "argument --precision: 'fp8' is not one of"),
     (["--image-size", "64"], "image_size: must be at least 65"),
-    (["--steps", "0"], "--steps: must be at least 1"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
+    (["--repeats", "two"], "argument --repeats: invalid integer value: 'two'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--mode", "infer", "--batch-size", "10001", "--pipeline", "model"], "more than the MNIST test set"),
+    (["--config", "no-such.yaml"], "no-such.yaml"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["--device", "cpu", *flags])
+        cli.main(["--device", "cpu", *flags])
     assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_trainer_inference_window_must_fit_in_the_test_set(capsys):
+    if mnist_root() is None:
+        pytest.skip("MNIST is not on this machine: set TOOLKIT_DATA_DIR")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--device", "cpu", "--mode", "infer", "--pipeline", "trainer", "--batch-size", "512",
+                  "--steps", "20"])
+    assert exit_.value.code == 2
+    assert "--steps 20 x --batch-size 512 is more than the MNIST test set" in capsys.readouterr().err
+
+
+def test_flags_arrive_typed_and_in_order():
+    args = cli.build_parser().parse_args(["--batch-size", "64, 16,64", "--precision", "bf16,no", "--steps", "3"])
+    assert (args.batch_size, args.precision, args.steps, args.warmup, args.image_size) == ([64, 16], ["bf16", "no"],
+                                                                                         3, 5, 224)
+    assert cli.build_parser().parse_args([]).batch_size == [128]
 
 
 def test_out_of_memory_marks_the_row_and_the_sweep_goes_on(monkeypatch, in_process):
     from toolkit.train import Trainer
 
-    real_forward_backward = Trainer.forward_backward
+    real_train_step = Trainer.train_step
 
-    def forward_backward(self, images, labels):
+    def train_step(self, images, labels):
         if len(labels) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward_backward(self, images, labels)
+        return real_train_step(self, images, labels)
 
-    monkeypatch.setattr(Trainer, "forward_backward", forward_backward)
-    rows = bench.run_cases([tiny_case(batch_size=3), tiny_case(batch_size=2)], known={})
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    rows = measure.run_cases([tiny_case(batch_size=3), tiny_case(batch_size=2)], known={})
     assert [r["status"] for r in rows] == ["oom", "ok"]
     assert "out of memory" in rows[0]["message"]
     assert rows[0]["images_per_sec"] is None and rows[0]["batch_size"] == 3
@@ -141,16 +184,27 @@ def test_out_of_memory_marks_the_row_and_the_sweep_goes_on(monkeypatch, in_proce
 
 def test_model_pipeline_runs_on_synthetic_images_without_mnist(monkeypatch, tmp_path, in_process):
     monkeypatch.setenv("TOOLKIT_DATA_DIR", str(tmp_path / "empty"))
-    row = bench.run_case(tiny_case(mode="infer"), known={})
+    row = measure.run_case(tiny_case(mode="infer"), known={})
     assert row["status"] == "ok", row["message"]
     assert row["data"] == "synthetic"
-    assert positive_finite(row["images_per_sec"])
+    assert positive_finite(row["images_per_sec"]) and positive_finite(row["matmul_tflops"])
 
 
 def test_each_cpu_case_gets_its_own_process_and_a_gpu_one_per_precision():
     cpu = [tiny_case(batch_size=b) for b in (2, 4)]
     cuda = [tiny_case(device="cuda", precision=p, batch_size=b) for p in ("bf16", "no") for b in (2, 4)]
-    assert [len(group) for group in bench.process_groups(cpu + cuda)] == [1, 1, 2, 2]
+    compiled = [tiny_case(device="cuda", precision="bf16", compile=True)]
+    assert [len(group) for group in worker.process_groups(cpu + cuda + compiled)] == [1, 1, 2, 2, 1]
+
+
+def test_a_worker_that_dies_leaves_an_error_row_per_unfinished_case(monkeypatch):
+    class Died:
+        returncode = -9
+        stderr = ""
+
+    monkeypatch.setattr(worker.subprocess, "run", lambda *args, **kwargs: Died())
+    rows = worker.run_in_processes([tiny_case()], known={}, announce=lambda line: None)
+    assert rows[0]["status"] == "error" and "killed (SIGKILL" in rows[0]["message"]
 
 
 @pytest.mark.parametrize("name, precision, peak", [
@@ -158,48 +212,31 @@ def test_each_cpu_case_gets_its_own_process_and_a_gpu_one_per_precision():
     ("NVIDIA A10G", "bf16", None), ("Tesla T4", "bf16", None),
 ])
 def test_gpu_peaks_are_dense_datasheet_values(name, precision, peak):
-    found = bench.gpu_peak_tflops(name, precision)
+    found = peaks.gpu_peak_tflops(name, precision)
     assert (found[0] if found else None) == peak
 
 
-def write_results(path, rates):
-    rows = []
-    for (pipeline, batch_size), rate in rates.items():
-        row = bench.case_fields(tiny_case(pipeline=pipeline, batch_size=batch_size))
-        row.update(status="ok", images_per_sec=rate, step_ms={"median": 1000 * batch_size / rate, "p10": 0, "p90": 0})
-        rows.append(row)
-    path.write_text(json.dumps({"environment": {}, "results": rows}))
-    return str(path)
+def test_environment_survives_collect_env_failing(monkeypatch):
+    import torch.utils.collect_env
+
+    def broken():
+        raise OSError("lscpu: not found")
+
+    monkeypatch.setattr(torch.utils.collect_env, "get_env_info", broken)
+    found = environment.environment("python -m toolkit.bench", {})
+    assert found["collect_env"] == {"error": "OSError: lscpu: not found"}
+    assert found["os"] and found["torch"] == torch.__version__
 
 
-def test_compare_prints_the_ratio_of_matching_rows(tmp_path, capsys):
-    a = write_results(tmp_path / "a.json", {("model", 2): 100.0, ("model", 4): 50.0})
-    b = write_results(tmp_path / "b.json", {("model", 2): 250.0, ("trainer", 2): 80.0})
-    assert bench.main(["--compare", a, b]) == 0
-    out = capsys.readouterr().out
-    assert "2.500" in out
-    # settings that vary within a file identify rows; mode, size, precision... are the same everywhere
-    assert "only in A: pipeline=model, batch_size=4\n" in out
-    assert "only in B: pipeline=trainer, batch_size=2\n" in out
+@pytest.mark.parametrize("batch_size, steps, repeats, expected", [
+    (512, 50, 10, 117 * 512),  # more than an epoch: the whole batches of one
+    (16, 2, 2, 5 * 16),  # warm-up 1 + 2 x 2 steps
+])
+def test_the_trainer_pipeline_reads_whole_batches_only(tmp_path, batch_size, steps, repeats, expected):
+    from toolkit.bench.plan import trainer_config
 
-
-def test_compare_leaves_out_the_setting_being_compared(tmp_path, capsys):
-    a = write_results(tmp_path / "eager.json", {("model", 2): 100.0, ("model", 4): 120.0})
-    b = write_results(tmp_path / "compiled.json", {("model", 2): 150.0, ("model", 4): 240.0})
-    rows = json.loads((tmp_path / "compiled.json").read_text())
-    for row in rows["results"]:
-        row["compile"] = True
-    (tmp_path / "compiled.json").write_text(json.dumps(rows))
-    assert bench.main(["--compare", a, b]) == 0
-    out = capsys.readouterr().out
-    assert "A: compile=False; B: compile=True" in out
-    assert "1.500" in out and "2.000" in out
-
-
-def test_compare_rejects_a_file_that_is_not_bench_results(tmp_path, capsys):
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({"results": [{"device": "cpu"}]}))
-    with pytest.raises(SystemExit) as exit_:
-        bench.main(["--compare", str(other), str(other)])
-    assert exit_.value.code == 2
-    assert "is not a toolkit.bench results file" in capsys.readouterr().err
+    case = tiny_case(pipeline="trainer", batch_size=batch_size, warmup=1, steps=steps, repeats=repeats)
+    config = trainer_config(case, tmp_path, tmp_path / "run")
+    assert config.train_samples == expected and config.train_samples % batch_size == 0
+    infer = trainer_config(tiny_case(pipeline="trainer", mode="infer", batch_size=500, steps=20), tmp_path, tmp_path)
+    assert infer.eval_samples == 10_000  # a window is one evaluation of exactly `steps` whole batches
