@@ -40,7 +40,6 @@ import torch
 from toolkit import devices
 from toolkit.bench.cli import at_least, config_value
 from toolkit.bench.environment import REPO_ROOT, environment
-from toolkit.bench.peaks import COMPUTE_DTYPES
 from toolkit.bench.plan import Case
 from toolkit.bench.results import default_json_path, write_json
 from toolkit.bench.tables import console_for_tables
@@ -49,6 +48,7 @@ from toolkit.bench.worker import run_in_processes
 from toolkit.config import PRECISIONS, ArgumentParser
 from toolkit.data import DataError, mnist_present, resolve_data_dir
 from toolkit.errors import UsageError, exit_on_user_error
+from toolkit.peaks import COMPUTE_DTYPES
 
 PROG = "compare_reference.py"
 ROOT = Path(__file__).resolve().parents[1]

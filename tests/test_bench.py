@@ -11,8 +11,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import mnist_root, run_module
 
-from toolkit import devices
-from toolkit.bench import cli, environment, measure, peaks, worker
+from toolkit import devices, peaks
+from toolkit.bench import cli, environment, measure, worker
 from toolkit.bench.plan import Case
 
 # 65 px is the smallest input the network takes; one step per window keeps a configuration to seconds.

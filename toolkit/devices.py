@@ -1,6 +1,5 @@
 """Everything that differs between CPU, CUDA and MPS lives here: which devices exist, what precision each
-does, memory format, thread count, synchronisation, timing events, memory figures, peak compute and random
-state."""
+does, memory format, thread count, synchronisation and clocks, timing events, memory figures and random state."""
 
 from __future__ import annotations
 
@@ -9,11 +8,11 @@ import ctypes.util
 import importlib.util
 import os
 import platform
-import re
 import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -250,6 +249,16 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def clock(device: torch.device | str) -> Callable[[], float]:
+    """`time.perf_counter` read once the device has done all the work queued so far, on CUDA and MPS alike: the
+    one clock every timed window uses."""
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued work, so a timestamp taken next covers it."""
     kind = torch.device(device).type
@@ -332,87 +341,6 @@ def timing_event(device: torch.device | str) -> Any:
     if kind == "mps":
         return torch.mps.Event(enable_timing=True)
     return _HostEvent()
-
-
-# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets and architecture whitepapers, matched against
-# torch.cuda.get_device_name() in order (more specific names first). `tf32` is what fp32 convolutions run at
-# while torch.backends.cudnn.allow_tf32 is on, PyTorch's default; convolutions are ~95% of this network's FLOPs.
-# GeForce cards: fp16/bf16 tensor cores with fp32 accumulation (what autocast does), half their fp16-accumulate
-# rate. A GPU not listed gets its measured matmul rate as the peak, marked as such.
-GPU_PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
-    (r"B200", "B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1125.0, "fp32": 75.0}),
-    (r"H200 NVL", "H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
-    (r"H200", "H200 SXM", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    (r"H100 PCIe", "H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
-    (r"H100 NVL", "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
-    (r"H100|GH200", "H100 SXM", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    (r"A100", "A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    (r"L40S", "L40S", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
-    (r"L40\b", "L40", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
-    (r"\bL4\b", "L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    (r"\bA10\b", "A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
-    (r"RTX A6000", "RTX A6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
-    (r"RTX 4090", "RTX 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),
-    (r"RTX 3090", "RTX 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
-    (r"V100.*PCIE", "V100 PCIe", {"fp16": 112.0, "fp32": 14.0}),
-    (r"V100", "V100 SXM2", {"fp16": 125.0, "fp32": 15.7}),
-    (r"\bT4\b", "T4", {"fp16": 65.0, "fp32": 8.1}),
-)
-# Square matmul that measures a CPU's or MPS's own peak: compute-bound, and on a 2-core CPU about 0.1 s in fp32.
-MATMUL_SIZE = {"cpu": 2048, "cuda": 4096, "mps": 4096}
-MATMUL_SECONDS = 0.1  # each timing lasts at least this long; the best of MATMUL_TRIALS is the peak
-MATMUL_TRIALS = 3
-COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | None:
-    """(dense peak TFLOP/s, where it comes from) for a known NVIDIA GPU, else None."""
-    for pattern, label, peaks in GPU_PEAK_TFLOPS:
-        if re.search(pattern, device_name, re.IGNORECASE):
-            if precision in ("bf16", "fp16"):
-                kind = precision
-            else:
-                kind = "tf32" if torch.backends.cudnn.allow_tf32 and "tf32" in peaks else "fp32"
-            if kind not in peaks:
-                return None
-            return peaks[kind], f"{label} datasheet, {kind} dense"
-    return None
-
-
-def measure_matmul_tflops(device: torch.device, precision: str) -> float:
-    """The device's own dense matmul rate in the precision's compute dtype (the peak for MFU where no datasheet
-    figure is known): the best of a few timings, each long enough to swamp the synchronisation."""
-    size, dtype = MATMUL_SIZE[device.type], COMPUTE_DTYPES[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty_like(a)
-
-    def seconds(count: int) -> float:
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(count):
-            torch.mm(a, b, out=out)
-        synchronize(device)
-        return time.perf_counter() - started
-
-    seconds(1)  # warm-up: library initialisation and kernel choice
-    count = 1
-    while (took := seconds(count)) < MATMUL_SECONDS:
-        count *= 2
-    best = min([took] + [seconds(count) for _ in range(MATMUL_TRIALS - 1)])
-    return 2 * size ** 3 * count / best / 1e12
-
-
-def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(the device's peak TFLOP/s for MFU, where it comes from): the datasheet for a known NVIDIA GPU, else the
-    device's own matmul rate, measured now (random numbers drawn under a forked RNG: training's are untouched)."""
-    listed = gpu_peak_tflops(name(device), precision) if device.type == "cuda" else None
-    if listed:
-        return listed
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        measured = measure_matmul_tflops(device, precision)
-    size = MATMUL_SIZE[device.type]
-    return measured, f"measured {size}x{size} matmul, {precision}"
 
 
 def widest_float(device: torch.device | str) -> torch.dtype:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from toolkit import devices
+from toolkit import devices, peaks
 from toolkit.model import build_model, count_flops
 
 
@@ -67,6 +67,7 @@ class Efficiency:
         if self.flops_per_image is None:
             with torch.random.fork_rng(devices=[]):  # a fresh model on the CPU: training's random state untouched
                 self.flops_per_image = float(count_flops(build_model(init="default"), self.image_size)[1])
-            self.peak, self.peak_source = devices.peak_tflops(self.device, self.precision)
+            peak = peaks.device_peak(self.device, devices.name(self.device), self.precision)
+            self.peak, self.peak_source = peak["peak_tflops"], peak["peak_source"]
         achieved = images_per_sec * self.flops_per_image / 1e12
         return {"tflops": achieved, "mfu": achieved / self.peak}

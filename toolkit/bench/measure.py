@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from toolkit import devices
-from toolkit.bench import peaks, timing
+from toolkit import devices, peaks
+from toolkit.bench import timing
 from toolkit.bench.plan import Case, data_for, trainer_config
 from toolkit.bench.results import blank_row
 from toolkit.errors import UserError
@@ -86,7 +86,7 @@ def rates(case: Case, seconds: list[float], paired: list[float], processes: int,
     per_window = [images / s for s in seconds]
     # the trainer pipeline over the model-only step, window by window (same steps: the ratio of their times)
     over_model = statistics.median(m / s for s, m in zip(seconds, paired, strict=True)) if paired else None
-    forward, step = peaks.flops_per_image(case.image_size, known)
+    forward, step = flops_per_image(case.image_size, known)
     flops = step if case.mode == "train" else forward
     images_per_sec = statistics.median(per_window)
     return {"images_per_sec": images_per_sec, "images_per_sec_windows": per_window,
@@ -109,3 +109,13 @@ def run_cases(cases: list[Case], known: dict[str, Any],
         rows.append(run_case(case, known))
         on_row(rows[-1])
     return rows
+
+
+def flops_per_image(image_size: int, known: dict[str, Any]) -> tuple[int, int]:
+    """(forward, training step) FLOPs per image, counted once per image size and passed on to later workers."""
+    key = f"flops:{image_size}"
+    if key not in known:
+        from toolkit.model import build_model, count_flops
+
+        known[key] = list(count_flops(build_model(), image_size))
+    return tuple(known[key])  # type: ignore[return-value]

@@ -1,10 +1,9 @@
-"""Timed windows: the one clock that waits for the device, the window built on it, the model-only windows
-through `torch.utils.benchmark.Timer`, and the paired trainer/model windows that are ours."""
+"""Timed windows on `devices.clock` (the one clock that waits for the device): the window built on it, the
+model-only windows through `torch.utils.benchmark.Timer`, and the paired trainer/model windows that are ours."""
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,19 +12,9 @@ import torch
 from toolkit import devices
 
 
-def clock(device: torch.device | str) -> Callable[[], float]:
-    """`time.perf_counter` read once the device has done all the work queued so far, on CUDA and MPS alike
-    (Timer's own default clock waits for CUDA only, in older torch releases)."""
-    def now() -> float:
-        devices.synchronize(device)
-        return time.perf_counter()
-
-    return now
-
-
 def timed(run: Callable[[int], Any], device: torch.device | str) -> Callable[[int], float]:
     """`run(count)` as a timed window: seconds from an idle device to the end of the work queued in it."""
-    now = clock(device)
+    now = devices.clock(device)
 
     def window(count: int) -> float:
         started = now()  # the window opens on an idle device...
@@ -60,7 +49,7 @@ def benchmark_timer(stmt: str, names: dict[str, Any], device: torch.device | str
     # machine with the CUDA toolkit and no GPU; only the worker processes measure
     from torch.utils.benchmark import Timer
 
-    return Timer(stmt=stmt, globals=names, timer=clock(device), num_threads=torch.get_num_threads())
+    return Timer(stmt=stmt, globals=names, timer=devices.clock(device), num_threads=torch.get_num_threads())
 
 
 def paired_windows(window: Callable[[int], float], partner: Callable[[int], float], warmup: int, steps: int,

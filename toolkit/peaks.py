@@ -1,5 +1,6 @@
-"""What a step costs and what the device could do: FLOPs per image (counted by torch.utils.flop_counter), and the
-device's peak TFLOP/s, from a datasheet for known NVIDIA GPUs, else from a matmul measured in this process."""
+"""What a device could do: its peak TFLOP/s, from a datasheet for known NVIDIA GPUs, else from a matmul measured in
+this process. MFU (the fraction of the peak a run achieves) is measured against it, by `toolkit.bench` and by the
+trainer's logs alike."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 
 import torch
 
-from toolkit.bench.timing import benchmark_timer
+from toolkit import devices
 
 # Square matmul that measures a CPU's or MPS's own peak in the same process as the configuration, right after
 # its windows (a busy machine slows both alike): compute-bound, and on a 2-core CPU about 0.1 s in fp32.
 MATMUL_SIZE = {"cpu": 2048, "cuda": 4096, "mps": 4096}
-MATMUL_SECONDS = 0.3  # Timer.blocked_autorange's minimum run time; the fastest of its blocks is the peak
+MATMUL_SECONDS = 0.1  # each timing lasts at least this long; the best of MATMUL_TRIALS is the peak
+MATMUL_TRIALS = 3
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets and architecture whitepapers, matched against
@@ -58,13 +60,27 @@ def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | Non
 
 def measure_matmul_tflops(device: torch.device, precision: str) -> float:
     """The device's own dense matmul rate in the precision's compute dtype (the CPU's and MPS's peak for MFU):
-    the fastest block of Timer.blocked_autorange, whose blocks are long enough to swamp the synchronisation."""
+    the best of a few timings, each long enough to swamp the synchronisation. Random inputs are drawn under a
+    forked RNG: a training run's random state is untouched."""
     size, dtype = MATMUL_SIZE[device.type], COMPUTE_DTYPES[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    timer = benchmark_timer("torch.mm(a, b, out=out)", {"a": a, "b": b, "out": torch.empty_like(a)}, device)
-    seconds = min(timer.blocked_autorange(min_run_time=MATMUL_SECONDS).times)
-    return 2 * size ** 3 / seconds / 1e12
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty_like(a)
+    now = devices.clock(device)
+
+    def seconds(count: int) -> float:
+        started = now()
+        for _ in range(count):
+            torch.mm(a, b, out=out)
+        return now() - started
+
+    seconds(1)  # warm-up: library initialisation and kernel choice
+    count = 1
+    while (took := seconds(count)) < MATMUL_SECONDS:
+        count *= 2
+    best = min([took] + [seconds(count) for _ in range(MATMUL_TRIALS - 1)])
+    return 2 * size ** 3 * count / best / 1e12
 
 
 def device_peak(device: torch.device, device_name: str, precision: str) -> dict[str, Any]:
@@ -74,13 +90,3 @@ def device_peak(device: torch.device, device_name: str, precision: str) -> dict[
     size = MATMUL_SIZE[device.type]
     peak, source = listed or (measured, f"measured {size}x{size} matmul, {precision}")
     return {"peak_tflops": peak, "peak_source": source, "matmul_tflops": measured}
-
-
-def flops_per_image(image_size: int, known: dict[str, Any]) -> tuple[int, int]:
-    """(forward, training step) FLOPs per image, counted once per image size and passed on to later workers."""
-    key = f"flops:{image_size}"
-    if key not in known:
-        from toolkit.model import build_model, count_flops
-
-        known[key] = list(count_flops(build_model(), image_size))
-    return tuple(known[key])  # type: ignore[return-value]
