@@ -46,7 +46,7 @@ from toolkit.bench.tables import console_for_tables
 from toolkit.bench.timing import timed
 from toolkit.bench.worker import run_in_processes
 from toolkit.config import PRECISIONS, ArgumentParser
-from toolkit.data import DataError, mnist_present, resolve_data_dir
+from toolkit.data import require_mnist, resolve_data_dir
 from toolkit.errors import UsageError, exit_on_user_error
 from toolkit.peaks import COMPUTE_DTYPES
 
@@ -93,10 +93,7 @@ def run_reference(reference_dir: Path, device_kind: str, precision: str, image_s
     from torchvision import datasets
     from torchvision.transforms import transforms
 
-    root = resolve_data_dir()
-    if not mnist_present(root):
-        raise DataError(f"MNIST is not in {root / 'MNIST' / 'raw'}: set $TOOLKIT_DATA_DIR to the folder holding "
-                        f"MNIST/")
+    root = resolve_data_dir()  # main() checked that MNIST is there before starting this process
     settings = reference_settings(reference_dir)
     device = torch.device(device_kind)
     transform = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor()])
@@ -233,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.warmup, args.steps, args.repeats)
             Path(args._side).write_text(json.dumps(row))
             return 0
-        if not mnist_present(resolve_data_dir()):
-            raise DataError(f"MNIST is not in {resolve_data_dir() / 'MNIST' / 'raw'}: set $TOOLKIT_DATA_DIR to the "
-                            f"folder holding MNIST/")
+        require_mnist(resolve_data_dir(), reader="the comparison")
         known: dict[str, Any] = {}
         workers: dict[str, Any] = {}
         precisions = ["no"] if args.precision == "no" else ["no", args.precision]

@@ -44,6 +44,14 @@ def mnist_present(root: Path) -> bool:
     return all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
 
 
+def require_mnist(root: Path, reader: str = "this", alternative: str = "") -> None:
+    """A DataError unless root/MNIST/raw/ holds the four files, for commands that never download (benchmarks):
+    `reader` names what reads them, `alternative` what to do instead."""
+    if not mnist_present(root):
+        raise DataError(f"{reader} reads MNIST, which is not in {root / 'MNIST' / 'raw'}: set ${DATA_DIR_ENV} to the "
+                        f"folder holding MNIST/ (toolkit.train downloads it there){alternative}")
+
+
 def missing_files_message(root: Path) -> str:
     return (f"MNIST not found and could not be downloaded: put {', '.join(MNIST_FILES)} (uncompressed) in "
             f"{root / 'MNIST' / 'raw'}, or point --data-dir / ${DATA_DIR_ENV} at the folder that holds MNIST/")

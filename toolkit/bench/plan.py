@@ -12,7 +12,7 @@ import torch
 
 from toolkit import devices
 from toolkit.config import TrainConfig, from_dict, read_yaml
-from toolkit.data import DATA_DIR_ENV, DataError, mnist_present, resolve_data_dir, write_idx
+from toolkit.data import mnist_present, require_mnist, resolve_data_dir, write_idx
 from toolkit.errors import UsageError
 
 PROG = "toolkit.bench"
@@ -109,9 +109,7 @@ def check_windows_fit(modes: list[str], reads_mnist: bool, steps: int, batch_siz
             raise UsageError(f"--batch-size {batch_size} is more than {name} ({images} images)")
     if not reads_mnist:
         return
-    root = resolve_data_dir()
-    if not mnist_present(root):
-        raise DataError(no_mnist_message(root))
+    require_mnist_for_trainer(resolve_data_dir())
     for mode in modes:
         name, images = splits[mode]
         if steps * batch_size > images:
@@ -146,7 +144,7 @@ def data_for(case: Case, scratch: Path) -> tuple[Path, str]:
     if mnist_present(root):
         return root, "mnist"
     if case.pipeline == "trainer":
-        raise DataError(no_mnist_message(root))
+        require_mnist_for_trainer(root)
     config = trainer_config(case, root, scratch)
     return write_synthetic_mnist(scratch / "data", config.train_samples, config.eval_samples), "synthetic"
 
@@ -161,6 +159,5 @@ def write_synthetic_mnist(root: Path, train_images: int, test_images: int) -> Pa
     return root
 
 
-def no_mnist_message(root: Path) -> str:
-    return (f"--pipeline trainer reads MNIST, which is not in {root / 'MNIST' / 'raw'}: set ${DATA_DIR_ENV} to the "
-            f"folder holding MNIST/ (toolkit.train downloads it there), or use --pipeline model (synthetic images)")
+def require_mnist_for_trainer(root: Path) -> None:
+    require_mnist(root, reader="--pipeline trainer", alternative=", or use --pipeline model (synthetic images)")
