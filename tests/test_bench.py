@@ -62,6 +62,7 @@ def smoke(tmp_path_factory):
     return json.loads(path.read_text()), result, path
 
 
+@pytest.mark.slow
 def test_json_holds_the_environment_and_a_row_per_pipeline(smoke):
     document, _, _ = smoke
     environment_ = document["environment"]
@@ -82,6 +83,7 @@ def test_json_holds_the_environment_and_a_row_per_pipeline(smoke):
         assert len(row["images_per_sec_windows"]) == 2
 
 
+@pytest.mark.slow
 def test_every_measured_number_is_positive_and_finite(smoke):
     document, _, _ = smoke
     for row in document["results"]:
@@ -99,6 +101,7 @@ def test_every_measured_number_is_positive_and_finite(smoke):
     assert positive_finite(trainer["paired_model_images_per_sec"])
 
 
+@pytest.mark.slow
 def test_console_prints_a_table_where_the_json_went_and_the_chart(smoke):
     _, result, path = smoke
     assert "images/s" in result.stdout and "peak memory" in result.stdout

@@ -111,6 +111,7 @@ def test_resume_mismatch_lists_only_keys_that_change_the_computation():
     assert resume_mismatches(saved, current) == [f"lr: checkpoint {TrainConfig().lr!r}, this run 0.5"]
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_2():
     result = run_module("toolkit.train", "--batch-size", "0")
     assert result.returncode == 2
@@ -216,6 +217,7 @@ def test_config_device_is_refused():
         "config file /dev/null is a character device, not a regular file: give a YAML file"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_config_fifo_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     fifo = tmp_path / "c.yaml"

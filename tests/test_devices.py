@@ -32,6 +32,7 @@ def test_missing_device_lists_those_present(cpu_only, missing):
     assert error.value.exit_code == 2
 
 
+@pytest.mark.slow
 def test_missing_device_from_the_command_line_exits_2_with_one_line():
     from conftest import run_module
 

@@ -17,8 +17,9 @@ import torch
 from conftest import ROOT, mnist_root, run, run_module, scratch_dir
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set "
-                                                             "TOOLKIT_DATA_DIR to a folder holding MNIST/raw/")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set TOOLKIT_DATA_DIR to "
+                                                              "a folder holding MNIST/raw/")]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 SMALL = ["--device", "cpu", "--image-size", "65", "--train-samples", "256", "--batch-size", "16",
          "--log-every-steps", "2", "--warmup-steps", "2", "--cpu-threads", "1", "--seed", "1"]

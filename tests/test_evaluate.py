@@ -27,6 +27,7 @@ def untrained(request) -> Path:
         yield save_checkpoint(folder / "run" / "checkpoints", precision="fp16")
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_accuracy_the_trainer_logged_and_draws_it(small_run, tmp_path):
     run_dir = small_run[0]
     out, pictures = tmp_path / "eval.json", tmp_path / "new" / "plots"

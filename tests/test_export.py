@@ -70,6 +70,7 @@ def assert_within_tolerance(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
 
 
+@pytest.mark.slow
 def test_torchscript_export_round_trip(run_dir, digits, expected_logits, tmp_path):
     output = tmp_path / "served" / "model.pt"
     exported_round_trip(run_dir, "torchscript", output)
@@ -80,6 +81,7 @@ def test_torchscript_export_round_trip(run_dir, digits, expected_logits, tmp_pat
         assert_within_tolerance(loaded(digits), expected_logits)  # a batch size it was not traced with
 
 
+@pytest.mark.slow
 def test_onnx_export_round_trip(run_dir, digits, expected_logits, tmp_path):
     for package in ("onnx", "onnxscript", "onnxruntime"):
         if importlib.util.find_spec(package) is None:
@@ -156,6 +158,7 @@ def test_too_little_free_space_is_said_before_the_export(untrained, tmp_path, ca
     assert list(tmp_path.iterdir()) == []  # the folder made for it removed again
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_the_previous_export(untrained, tmp_path):
     def limit_file_size():  # no file over 100 MB, as a full disk would: the export is 187 MB
         resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 2**20, resource.RLIM_INFINITY))

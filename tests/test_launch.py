@@ -28,6 +28,7 @@ def test_multi_node_template_and_slurm_script_agree_on_the_launcher():
         assert flag in slurm
 
 
+@pytest.mark.slow
 def test_installed_command_reports_bad_flags():
     command = Path(sys.executable).parent / "toolkit-train"  # installed beside the interpreter running the tests
     if not command.exists():
@@ -36,6 +37,7 @@ def test_installed_command_reports_bad_flags():
     assert result.returncode == 2 and "epochs: must be greater than 0" in result.stderr
 
 
+@pytest.mark.slow
 def test_launcher_passes_on_the_one_line_error():
     absent = next(d for d in ("mps", "cuda") if d not in devices.available())
     result = run([sys.executable, "-m", "accelerate.commands.launch", "toolkit/train.py", "--device", absent])
@@ -43,6 +45,7 @@ def test_launcher_passes_on_the_one_line_error():
     assert f"toolkit.train: error: device '{absent}' is not available on this machine" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set TOOLKIT_DATA_DIR to a "
                                                  "folder holding MNIST/raw/")
 def test_one_cpu_process_through_launch_cpu_yaml(tmp_path):

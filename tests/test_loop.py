@@ -129,3 +129,24 @@ def test_a_non_finite_loss_is_skipped_on_the_device_and_stops_the_run_before_any
     assert [p.name for p in saved] == ["step-00000001", "step-00000002"]
     for folder in saved:
         assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
+
+
+def test_a_signal_at_an_epochs_last_step_saves_and_says_how_to_resume(tmp_path, capsys):
+    """SIGTERM arriving during the epoch's last step: the run saves at that step, says where to resume (the line
+    used to be missing there) and exits 143."""
+    import signal
+
+    with tiny_trainer(tmp_path, train_samples=64) as trainer:  # 2 steps an epoch
+        trainer.console = type(trainer.console)(enabled=True)
+        real = trainer.forward_backward
+
+        def signalled(images, labels, weight=1.0):
+            if trainer.progress.step == 1:
+                trainer.stop.signum = signal.SIGTERM  # what the handler sets
+            return real(images, labels, weight)
+
+        trainer.forward_backward = signalled
+        assert trainer.train() == 143
+    out = capsys.readouterr().out
+    assert f"stopped at step 2; resume with --resume auto --output-dir {tmp_path / 'run'}" in out
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()

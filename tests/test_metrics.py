@@ -63,6 +63,7 @@ def test_nothing_is_kept_or_gathered_by_default(accelerator, monkeypatch):
     assert result.correct == 40 - 6
 
 
+@pytest.mark.slow
 def test_three_processes_keep_exactly_the_first_misclassified_in_order():
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "launch" / "cpu_ddp.yaml"), "--num_processes", "3"]

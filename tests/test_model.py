@@ -93,6 +93,7 @@ def test_kaiming_init_zero_biases_and_default_init_untouched():
     assert abs(std - (2 / 121) ** 0.5) < 0.02  # He-normal: sqrt(2 / fan_in), fan_in = 1 x 11 x 11
 
 
+@pytest.mark.slow
 def test_summary_command_prints_shapes_parameters_and_flops():
     result = run_module("toolkit.model", "--image-size", "224")
     assert result.returncode == 0, result.stderr

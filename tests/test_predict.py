@@ -71,6 +71,7 @@ def assert_matches(predictions: list[dict], logits: torch.Tensor, top_k: int) ->
         assert [t["probability"] for t in record["top_k"]] == pytest.approx(values, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_on_png_files_matches_the_models_batch_output(run_dir, png_folders, expected_logits, tmp_path):
     answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), "--device", "cpu", "--precision", "no",
                                    "--top-k", "3", str(png_folders[0]))
@@ -81,6 +82,7 @@ def test_predict_on_png_files_matches_the_models_batch_output(run_dir, png_folde
     assert "top 3" in result.stdout
 
 
+@pytest.mark.slow
 def test_predict_with_invert_reads_black_on_white_images_as_mnist(run_dir, png_folders, expected_logits, tmp_path):
     answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), "--device", "cpu", "--precision", "no",
                                    "--invert", str(png_folders[1]))
@@ -88,6 +90,7 @@ def test_predict_with_invert_reads_black_on_white_images_as_mnist(run_dir, png_f
     assert_matches(answers["predictions"], expected_logits, top_k=1)
 
 
+@pytest.mark.slow
 def test_bad_image_files_are_listed_and_the_good_ones_still_answered(run_dir, png_folders, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -2,6 +2,7 @@
 metrics.jsonl (rewritten to the checkpoint's records on resume)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +29,9 @@ def test_tensorboard_through_accelerate_config_images_and_purge_on_resume(tmp_pa
             first.log({"train/loss": float(step)}, step)
         first.log_images({"eval/confusion": np.zeros((8, 8, 3), dtype=np.uint8)}, step=3)
         first.accelerator.end_training()
+    # event files sort by their second of creation, then by a per-process writer count: a resume is a new process
+    # in a later second, and the test's second session must be too, or a reader would take the files out of order
+    time.sleep(1.1)
     with accelerate_state():  # resumed from step 1's checkpoint: steps 2 and 3 are dropped, then logged again
         again = tracking.Trackers(Accelerator(cpu=True), ["tensorboard"], tmp_path, purge_step=2)
         again.log({"train/loss": 20.0}, 2)

@@ -16,6 +16,7 @@ def trained(small_run):
     return small_run
 
 
+@pytest.mark.slow
 def test_learns_well_beyond_chance(trained):
     out, _ = trained
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -26,6 +27,7 @@ def test_learns_well_beyond_chance(trained):
     assert all(r["images_per_sec"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_one_event_file_with_the_documented_tags(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -43,6 +45,7 @@ def test_tensorboard_has_one_event_file_with_the_documented_tags(trained):
     assert accuracy == pytest.approx([r["eval_accuracy"] for r in records])
 
 
+@pytest.mark.slow
 def test_run_folder_holds_config_and_safetensors_weights_per_epoch(trained):
     out, _ = trained
     assert "image_size: 65" in (out / "config.yaml").read_text()
@@ -55,6 +58,7 @@ def test_run_folder_holds_config_and_safetensors_weights_per_epoch(trained):
     assert not list(out.rglob("*.pth"))
 
 
+@pytest.mark.slow
 def test_console_without_a_terminal_is_plain_lines(trained):
     _, result = trained
     out = result.stdout
@@ -67,6 +71,7 @@ def test_console_without_a_terminal_is_plain_lines(trained):
     assert "data_dir=" in config_line and "resume=" in config_line  # one line however long: never wrapped
 
 
+@pytest.mark.slow
 def test_existing_run_folder_is_never_overwritten(trained):
     out, _ = trained
     before = (out / "metrics.jsonl").read_text()
@@ -76,6 +81,7 @@ def test_existing_run_folder_is_never_overwritten(trained):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line_and_exit_1(tmp_path):
     result = run_module("toolkit.train", "--data-dir", str(tmp_path), "--no-download",
                         "--output-dir", str(tmp_path / "run"))
@@ -94,6 +100,7 @@ def records_of(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_target_accuracy_stops_with_a_checkpoint_and_the_time_it_took(mnist, tmp_path):
     out = tmp_path / "run"
     result = run_module("toolkit.train", *TINY_RUN, "--epochs", "6", "--ema-decay", "0", "--eval-every-steps", "4",
@@ -116,6 +123,7 @@ def test_target_accuracy_stops_with_a_checkpoint_and_the_time_it_took(mnist, tmp
     assert "top operators by self time" in result.stdout and "aten::convolution_backward" in result.stdout
 
 
+@pytest.mark.slow
 def test_tensorboard_shows_where_the_time_goes(small_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -131,6 +139,7 @@ def test_tensorboard_shows_where_the_time_goes(small_run):
     assert " data " in result.stdout and "TFLOP/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_early_stopping_after_evaluations_without_improvement(mnist, tmp_path):
     out = tmp_path / "run"
     # a learning rate too small to change any prediction (with random last-layer weights: the recommended init
@@ -142,6 +151,7 @@ def test_early_stopping_after_evaluations_without_improvement(mnist, tmp_path):
     assert "stopped early at step 6: no better accuracy in the last 2 evaluations" in result.stdout
 
 
+@pytest.mark.slow
 def test_time_limit_stops_with_a_checkpoint_and_says_how_to_resume(mnist, tmp_path):
     out = tmp_path / "run"
     # one second leaves no room for a checkpoint (0.75 GB): the run stops after its first step
@@ -167,6 +177,7 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compile_resumes_an_eager_checkpoint_and_back_with_plain_weight_names(mnist, tmp_path):
     out = tmp_path / "run"
     steps = ["--checkpoint-every-steps", "1", "--output-dir", str(out)]

@@ -3,6 +3,7 @@ does, memory format, thread count, synchronisation and clocks, timing events, me
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
@@ -12,7 +13,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -21,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from packaging.version import Version
 
-from toolkit.errors import UsageError
+from toolkit.errors import UsageError, UserError
 
 # Preference order for `auto`.
 DEVICE_ORDER = ("cuda", "mps", "cpu")
@@ -312,6 +313,23 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class OutOfMemory(UserError):
+    pass
+
+
+@contextlib.contextmanager
+def out_of_memory_named(what: str) -> Iterator[None]:
+    """Turn the device's out-of-memory error (CUDA's, MPS's, the CPU allocator's) into one line saying what was
+    asked for and what to lower."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OutOfMemory(f"out of memory with {what}: lower them ({reason[:200]})") from None
 
 
 def main_memory_bytes(peak: dict[str, int]) -> int | None:

@@ -711,11 +711,12 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
 def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error("toolkit.train"):
         config = parse_args(argv)
-        trainer = Trainer(config)
-        try:
-            return trainer.train()
-        finally:
-            trainer.close()
+        with devices.out_of_memory_named(f"--image-size {config.image_size} and --batch-size {config.batch_size}"):
+            trainer = Trainer(config)
+            try:
+                return trainer.train()
+            finally:
+                trainer.close()
 
 
 if __name__ == "__main__":
