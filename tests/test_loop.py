@@ -150,3 +150,30 @@ def test_a_signal_at_an_epochs_last_step_saves_and_says_how_to_resume(tmp_path, 
     out = capsys.readouterr().out
     assert f"stopped at step 2; resume with --resume auto --output-dir {tmp_path / 'run'}" in out
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_compile_resumes_an_eager_checkpoint_and_back_with_plain_weight_names(tmp_path, monkeypatch):
+    """`compile: true` wraps the model in torch.compile; checkpoints hold the module's own names (no
+    "_orig_mod." prefix), so a compiled run resumes an eager checkpoint and an eager run a compiled one. Dynamo's
+    "eager" backend stands in for inductor here: the same wrapping, without minutes of C++ code generation."""
+    import functools
+
+    from safetensors.torch import load_file
+
+    from toolkit.model import AlexNet
+
+    folder = tmp_path / "run"
+    steps = {"checkpoint_every_steps": 1, "output_dir": str(folder)}
+    with tiny_trainer(tmp_path, max_steps=2, **steps) as eager:
+        assert eager.train() == 0
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    with tiny_trainer(tmp_path, max_steps=3, compile=True, resume="auto", **steps) as compiled:
+        assert type(compiled.model).__name__ == "OptimizedModule" and compiled.progress.step == 2
+        assert compiled.train() == 0
+    saved = load_file(folder / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert set(saved) == set(AlexNet().state_dict())
+    monkeypatch.undo()
+    with tiny_trainer(tmp_path, max_steps=4, resume="auto", **steps) as back:
+        assert back.progress.step == 3 and back.train() == 0
+    assert (folder / "checkpoints" / "step-00000004" / "COMPLETE").is_file()

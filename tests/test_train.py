@@ -175,20 +175,3 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys):
     assert lines == ["toolkit.train: error: log_with: clearml is not installed: pip install clearml (or log with "
                      "another tracker, e.g. --log-with tensorboard)"]
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.slow
-def test_compile_resumes_an_eager_checkpoint_and_back_with_plain_weight_names(mnist, tmp_path):
-    out = tmp_path / "run"
-    steps = ["--checkpoint-every-steps", "1", "--output-dir", str(out)]
-    eager = run_module("toolkit.train", *TINY_RUN, "--max-steps", "2", *steps)
-    assert eager.returncode == 0, eager.stdout + eager.stderr
-    compiled = run_module("toolkit.train", *TINY_RUN, "--max-steps", "3", "--compile", "--resume", "auto", *steps,
-                          timeout=900)
-    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
-    assert "compile=True" in compiled.stdout
-    saved = load_file(out / "checkpoints" / "step-00000003" / "train_model.safetensors")
-    assert set(saved) == set(AlexNet().state_dict())  # no "_orig_mod." prefix
-    back = run_module("toolkit.train", *TINY_RUN, "--max-steps", "4", "--resume", "auto", *steps)
-    assert back.returncode == 0, back.stdout + back.stderr
-    assert (out / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
