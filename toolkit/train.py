@@ -169,6 +169,8 @@ class Trainer:
         """Run to the end or to an early stop (exit status 0), or until a signal (128 + its number, after
         saving)."""
         config, progress = self.config, self.progress
+        if config.max_steps and progress.step >= config.max_steps:  # resumed at or past it: nothing to train
+            self.stop_reason = "max_steps"
         while progress.epoch < config.epochs and not self.stop_reason:
             self.train_epoch()
             epoch_done = progress.batch >= len(self.train_batches)
