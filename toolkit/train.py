@@ -15,7 +15,6 @@ import os
 import random
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from toolkit import checkpoint, devices
+from toolkit import checkpoint, devices, rundir
 from toolkit.averaging import WeightAverage
 from toolkit.checkpoint import Checkpoint, TrainProgress
 from toolkit.config import TrainConfig, parse_args, resume_mismatches, to_yaml
@@ -55,11 +54,10 @@ class Trainer:
         devices.configure(self.device_kind, config.deterministic, config.cpu_threads,
                           int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.console = TrainConsole(acc.is_main_process and not quiet)
-        self.output_dir = self._output_dir()
+        # The run folder is this run's alone from here (rundir): a refusal comes before anything is written.
+        self.run_folder = rundir.claim(config.output_dir, config.resume, acc.is_main_process, self.console.print)
+        self.output_dir = self.run_folder.path
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        if not config.resume and (self.output_dir / "metrics.jsonl").exists():
-            raise UsageError(f"{self.output_dir} already holds a run: pass --resume auto to continue it, or "
-                             f"choose another --output-dir")
 
         # --- data: uint8 on the device; the main process reads (or downloads) first ---
         root = resolve_data_dir(config.data_dir)
@@ -396,9 +394,11 @@ class Trainer:
             if self.tensorboard:
                 # on disk before the checkpoint: a resume purges what comes after it, and must find all before it
                 self.tensorboard.flush()
-            checkpoint.save(self.checkpoints_dir, state)
+            saved = checkpoint.save(self.checkpoints_dir, state)
+            self.run_folder.saved(self.progress.step, saved)
             best = checkpoint.step_dir(self.checkpoints_dir, self.progress.best_step)
-            checkpoint.prune(self.checkpoints_dir, self.config.keep_last, keep=best)
+            checkpoint.prune(self.checkpoints_dir, self.config.keep_last, keep=best,
+                             sole_writer=self.run_folder.locked)
         self.last_saved_step = self.progress.step
         self.accelerator.wait_for_everyone()
 
@@ -414,18 +414,10 @@ class Trainer:
         if path[0] is None:
             return None
         self.load_state_dict(chosen or checkpoint.load(Path(path[0])))
+        self.run_folder.starts_at(self.progress.step)
         return Path(path[0])
 
     # ------------------------------------------------------------------ helpers
-    def _output_dir(self) -> Path:
-        if self.config.output_dir:
-            return Path(self.config.output_dir)
-        if self.config.resume == "auto":
-            raise UsageError("--resume auto needs --output-dir: the run folder to continue")
-        name = [f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(name)  # the main process's clock names the folder for all
-        return Path(name[0])
-
     def _reached_max_steps(self) -> bool:
         return bool(self.config.max_steps) and self.progress.step >= self.config.max_steps
 
@@ -465,6 +457,7 @@ class Trainer:
         self.console.close()
         if hasattr(self, "stop"):
             self.stop.close()
+        self.run_folder.release()
         self.accelerator.end_training()
 
 
@@ -515,9 +508,18 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
 def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error("toolkit.train"):
         config = parse_args(argv)
-        trainer = Trainer(config)
         try:
-            return trainer.train()
+            trainer = Trainer(config)
+        except BaseException as error:
+            rundir.release_held(error)  # a run that could not start: its new folder removed, or the failure recorded
+            raise
+        try:
+            code = trainer.train()
+            trainer.run_folder.ended(code)  # before exiting: a launcher may kill this process soon after
+            return code
+        except BaseException as error:
+            trainer.run_folder.failed(error, trainer.progress.step)
+            raise
         finally:
             trainer.close()
 
