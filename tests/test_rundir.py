@@ -477,3 +477,46 @@ def test_sigterm_to_the_ddp_launcher_exits_1_and_run_json_says_stopped(tmp_path)
     assert saved["resume"] == f"--resume auto --output-dir {out}"
     assert saved["checkpoint"] == str(checkpoint.step_dir(out / "checkpoints", saved["step"]))
     checkpoint.load(Path(saved["checkpoint"]))
+
+
+# ------------------------------------------------------------------ the SLURM script
+
+SRUN = """#!/bin/bash
+echo "srun TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT ${@: -3}" >> "$LOG"
+mkdir -p "$RUN_DIR"
+if [ -n "$FAKE_STATUS" ]; then printf '{"status": "%s"}' "$FAKE_STATUS" > "$RUN_DIR/run.json"; fi
+exit "$FAKE_EXIT"
+"""
+SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then echo node1; echo node2; else echo "scontrol $*" >> "$LOG"; fi
+"""
+
+
+@pytest.mark.parametrize("status, launcher_exit, exit_code, requeued", [
+    ("stopped", 1, 0, True),  # what accelerate launch returns after its workers saved and exited 143
+    ("finished", 0, 0, False),
+    ("failed", 1, 1, False),
+    ("running", 137, 1, False),  # killed before it could record: not requeued blindly
+    ("", 1, 1, False),  # no run.json at all
+])
+def test_the_slurm_script_requeues_from_run_json_not_the_launchers_exit(tmp_path, status, launcher_exit, exit_code,
+                                                                         requeued):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node[1-2]", "LOG": str(log), "FAKE_STATUS": status,
+           "FAKE_EXIT": str(launcher_exit)}
+    env.pop("RUN_DIR", None)
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_multi_node.sbatch"), "--epochs", "3"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "srun TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110 toolkit --epochs 3"
+    assert calls[1:] == (["scontrol requeue 42"] if requeued else [])
+    assert f"launcher exit status {launcher_exit}; runs/slurm-42/run.json: {status or 'unknown'}" in result.stdout
