@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.errors import UserError
 from toolkit.files import fsync
+from toolkit.rundir import process_exists
 
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
@@ -144,10 +145,10 @@ def write_files(folder: Path, state: Checkpoint) -> dict[str, dict[str, Any]]:
     if state.train_weights is not None:
         written[TRAIN_WEIGHTS] = write_weights(state.train_weights, folder / TRAIN_WEIGHTS)
     written[TRAINER_STATE] = write_through(folder / TRAINER_STATE, lambda file: torch.save(state.trainer_state, file))
-    text = json.dumps({**state.meta, "progress": asdict(state.progress)}, indent=1)
-    written[STATE] = write_through(folder / STATE, lambda file: file.write(text.encode()))
-    text = yaml.safe_dump(state.config, sort_keys=False)
-    written[CONFIG] = write_through(folder / CONFIG, lambda file: file.write(text.encode()))
+    state_text = json.dumps({**state.meta, "progress": asdict(state.progress)}, indent=1)
+    written[STATE] = write_through(folder / STATE, lambda file: file.write(state_text.encode()))
+    config_text = yaml.safe_dump(state.config, sort_keys=False)
+    written[CONFIG] = write_through(folder / CONFIG, lambda file: file.write(config_text.encode()))
     return written
 
 
@@ -231,15 +232,7 @@ def writer_may_be_running(name: str, sole_writer: bool) -> bool:
         return False
     if host != HOST:
         return not sole_writer
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # there, and someone else's
-        return True
-    return True
+    return pid != os.getpid() and process_exists(pid)
 
 
 def write_error(directory: Path, final: Path, state: Checkpoint, error: Exception) -> CheckpointError:

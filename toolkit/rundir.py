@@ -327,9 +327,13 @@ def lock(folder: RunFolder) -> None:
         except OSError as error:
             if error.errno not in NO_LOCKS:
                 os.close(fd)
-                raise
+                raise RunFolderError(f"cannot lock the run folder {folder.path} ({error.strerror})") from None
             folder.announce(f"warning: the filesystem of {folder.path} has no working file locks "
                             f"({error.strerror}): a second training started on this folder would not be stopped")
+            holder = read_holder(fd)  # the pid is all there is to go by: enough on this machine
+            if holder and holder.get("host") == HOST and process_exists(holder.get("pid")):
+                os.close(fd)
+                raise RunFolderError(in_use(folder.path, holder)) from None
             break
         if same_file(fd, path):
             folder.locked = True
@@ -337,12 +341,30 @@ def lock(folder: RunFolder) -> None:
         os.close(fd)  # the holder removed the file as it let go: lock the one there now
     folder.fd = fd
     previous = read_holder(fd)
-    if previous:
+    if previous and folder.locked:
         folder.announce(f"note: {folder.path} was held by {describe(previous)}, which ended without letting go "
-                        f"of it (it was killed): this run takes it over")
-    me = json.dumps({"pid": os.getpid(), "host": HOST, "started": folder.started}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, me, 0)
+                        f"of it (killed, or crashed): this run takes it over")
+    elif previous:
+        folder.announce(f"note: {folder.path} was held by {describe(previous)}; without working locks, whether it "
+                        f"still runs cannot be told from here: this run takes the folder over")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": HOST, "started": folder.started}).encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, only its holder goes unnamed
+        pass
+
+
+def process_exists(pid: Any) -> bool:
+    """Whether a process `pid` runs on this machine."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, and someone else's
+        return True
+    return True
 
 
 def refuse_if_held(path: Path) -> None:
