@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -330,25 +330,27 @@ def prune(directory: Path, keep_last: int, keep: Path | None = None, sole_writer
 
 
 # ------------------------------------------------------------------ reading
-def verify(path: Path) -> Marker:
-    """Raise CheckpointError unless `path` is a complete checkpoint whose files match its marker: their sizes,
-    and their checksums when the marker records them (the earlier format records sizes only). Returns the
-    marker."""
+def verify(path: Path, files: Collection[str] | None = None) -> Marker:
+    """Raise CheckpointError unless `path` is a complete checkpoint whose files (or those of them named in
+    `files`: what a reader will read) match its marker: their sizes, and their checksums when the marker records
+    them (the earlier format records sizes only). Returns the marker."""
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder")
     if not is_complete(path):
         raise CheckpointError(f"{path} is incomplete (no {MARKER} marker): it was being written when its run "
                               f"stopped")
     marker = read_marker(path)
-    for name, size in marker.sizes.items():  # every size first: cheap, and what a truncated copy shows
+    checked = [name for name in marker.sizes if files is None or name in files]
+    for name in checked:  # every size first: cheap, and what a truncated copy shows
+        size = marker.sizes[name]
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         if file.stat().st_size != size:
             raise CheckpointError(f"{file} is truncated or corrupted ({file.stat().st_size} bytes, "
                                   f"{size} when saved)")
-    for name, digest in (marker.digests or {}).items():
-        if file_digest(path / name) != digest:
+    for name in checked if marker.digests else ():
+        if file_digest(path / name) != marker.digests[name]:
             raise CheckpointError(f"{path / name} is corrupted: its contents differ from those saved (the "
                                   f"{HASH} recorded in {MARKER} does not match)")
     return marker
