@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, mnist_root, run, run_module
 
 from toolkit import checkpoint, rundir
@@ -456,6 +457,19 @@ def test_a_run_that_cannot_start_leaves_no_folder_or_says_why_in_its_own(two_run
     assert (record(out)["status"], record(out)["message"]) == ("failed", line)
     assert {k: v for k, v in snapshot(out).items() if not k.endswith("run.json")} == \
         {k: v for k, v in before.items() if not k.endswith("run.json")}
+
+
+@needs_mnist
+def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tmp_path, monkeypatch):
+    from toolkit import train
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "train_step", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train.main([*RUN, "--output-dir", str(tmp_path / "runs" / "x")])
+    assert list(tmp_path.iterdir()) == []
 
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
