@@ -361,6 +361,8 @@ CORRUPTED_FIELDS = [
     ("unknown progress field", progress("learning", 1), "state.json is corrupted: unknown progress field 'learning'"),
     ("history an object", progress("history", {}), "state.json is corrupted: progress.history is an object where a "
                                                    "list belongs"),
+    ("history record a list", progress("history", [[1]]), "state.json is corrupted: progress.history[0] is a list "
+                                                          "where an object belongs"),
     ("history record without accuracy", progress("history", [{"epoch": 1}]),
      "state.json is corrupted: progress.history[0].eval_accuracy is null, not a number"),
     ("step of another folder", progress("step", 4), "state.json is corrupted: progress.step is 4, and the folder is "

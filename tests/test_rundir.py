@@ -243,10 +243,12 @@ def test_how_a_run_ended_is_recorded(tmp_path, code, status, reason):
     assert saved["resume"] == (None if code == 0 else f"--resume auto --output-dir {tmp_path / 'run'}")
 
 
-def test_a_reason_can_be_given(tmp_path):
+@pytest.mark.parametrize("reason, status", [("time_limit", "stopped"), ("max_steps", "finished"),
+                                            ("early_stop", "finished"), ("target_accuracy", "finished")])
+def test_the_trainers_stop_reason_says_whether_a_run_is_to_be_resumed(tmp_path, reason, status):
     folder = take(tmp_path / "run")
-    folder.ended(0, reason="time limit")
-    assert (record(tmp_path / "run")["status"], record(tmp_path / "run")["reason"]) == ("finished", "time limit")
+    folder.ended(0, reason)  # the time limit stops with exit status 0, and is to be resumed all the same
+    assert (record(tmp_path / "run")["status"], record(tmp_path / "run")["reason"]) == (status, reason)
     folder.release()
 
 

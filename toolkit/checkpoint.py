@@ -456,10 +456,9 @@ def load_meta(path: Path) -> dict[str, Any]:
     return read_state(path)[1]
 
 
-# `state.json`: each progress field's type and least value (history apart); the metadata beside it
-PROGRESS_FIELDS: dict[str, tuple[type, float]] = {
-    "epoch": (int, 0), "batch": (int, 0), "step": (int, 0), "epoch_loss_sum": (float, 0.0),
-    "epoch_images": (int, 0), "best_accuracy": (float, -1.0), "best_step": (int, -1), "skipped_steps": (int, 0)}
+# `state.json`: each progress field is checked against its type in TrainProgress; a number is a count or a time
+# (at least 0) but for these, -1 before the first evaluation. The metadata beside it:
+PROGRESS_MINIMUM = {"best_accuracy": -1.0, "best_step": -1}
 META_FIELDS: dict[str, type] = {"world_size": int, "device": str, "precision": str}
 
 
@@ -473,14 +472,24 @@ def read_state(path: Path) -> tuple[TrainProgress, dict[str, Any]]:
     saved = state.get("progress")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{file} is corrupted: progress is {json_kind(saved)} where an object belongs")
-    known = {f.name for f in fields(TrainProgress)}
-    unknown = sorted(set(saved) - known)
+    known = {f.name: str(f.type) for f in fields(TrainProgress)}  # name: annotation ("int", "list[...]")
+    unknown = sorted(set(saved) - set(known))
     if unknown:
         raise CheckpointError(f"{file} is corrupted: unknown progress field {unknown[0]!r}")
-    values = {name: check_number(file, f"progress.{name}", saved[name], kind, minimum)
-              for name, (kind, minimum) in PROGRESS_FIELDS.items() if name in saved}
-    if "history" in saved:
-        values["history"] = check_history(file, saved["history"])
+    values = {}
+    for name, value in saved.items():
+        kind = known[name]
+        if kind in ("int", "float"):
+            values[name] = check_number(file, f"progress.{name}", value, int if kind == "int" else float,
+                                        PROGRESS_MINIMUM.get(name, 0))
+        elif kind.startswith(("list", "dict")) and not isinstance(value, list if kind.startswith("list") else dict):
+            wanted = "a list" if kind.startswith("list") else "an object"
+            raise CheckpointError(f"{file} is corrupted: progress.{name} is {json_kind(value)} where {wanted} "
+                                  f"belongs")
+        else:
+            values[name] = value
+    if "history" in values:
+        check_history(file, values["history"])
     progress = TrainProgress(**values)
     if progress.best_accuracy > 1 or -1 < progress.best_accuracy < 0:
         raise CheckpointError(f"{file} is corrupted: progress.best_accuracy is {progress.best_accuracy}, neither "
@@ -502,18 +511,14 @@ def read_state(path: Path) -> tuple[TrainProgress, dict[str, Any]]:
     return progress, meta
 
 
-def check_history(file: Path, history: Any) -> list[dict[str, Any]]:
-    """The per-epoch records: objects, each with its epoch and eval accuracy (what a run's summary reads)."""
-    if not isinstance(history, list):
-        raise CheckpointError(f"{file} is corrupted: progress.history is {json_kind(history)} where a list "
-                              f"belongs")
+def check_history(file: Path, history: list[Any]) -> None:
+    """The evaluation records: objects, each with its epoch and eval accuracy (what a run's summary reads)."""
     for index, record in enumerate(history):
         if not isinstance(record, dict):
             raise CheckpointError(f"{file} is corrupted: progress.history[{index}] is {json_kind(record)} where "
                                   f"an object belongs")
         check_number(file, f"progress.history[{index}].epoch", record.get("epoch"), int, 0)
         check_number(file, f"progress.history[{index}].eval_accuracy", record.get("eval_accuracy"), float, 0.0)
-    return history
 
 
 def check_number(file: Path, name: str, value: Any, kind: type, minimum: float) -> Any:

@@ -45,6 +45,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", RECORD, "checkpoints", "tensorboard
 CHECKPOINTS = "checkpoints"
 DEFAULT_PARENT = Path("runs")
 HOST = socket.gethostname()
+RESUMABLE = ("SIGTERM", "SIGINT", "time_limit")  # stop reasons that leave a run to be continued
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a filesystem without working flock (some NFS, Lustre)
 
 Announce = Callable[[str], None]
@@ -87,17 +88,18 @@ class RunFolder:
         self.record("running")
 
     def ended(self, code: int, reason: str | None = None) -> None:
-        """The run returned `code`: 0 is finished; otherwise it stopped after saving (128 + n: by signal n) and
-        is to be resumed."""
-        if code == 0:
-            self.record("finished", reason)
-            return
+        """The run returned `code`, having saved, for `reason` (the trainer's stop reason; by default the signal
+        of a code 128 + n). A signal or the time limit leaves it stopped, to be resumed; anything else (its
+        epochs, max_steps, a target reached, early stopping) finished."""
         if reason is None and code > 128:
             try:
                 reason = signal.Signals(code - 128).name
             except ValueError:
-                reason = f"exit status {code}"
-        self.record("stopped", reason or f"exit status {code}")
+                pass
+        if reason in RESUMABLE or code != 0:
+            self.record("stopped", reason or f"exit status {code}")
+        else:
+            self.record("finished", reason)
 
     def failed(self, error: BaseException, step: int) -> None:
         """The run raised `error` at `step`. A new run that did no step is discarded at `release`; any other
