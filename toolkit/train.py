@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         try:
             code = trainer.train()
-            trainer.run_folder.ended(code)  # before exiting: a launcher may kill this process soon after
+            # recorded before exiting: a launcher may kill this process soon after
+            trainer.run_folder.ended(code)
             return code
         except BaseException as error:
             trainer.run_folder.failed(error, trainer.progress.step)
