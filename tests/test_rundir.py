@@ -465,10 +465,10 @@ def test_a_run_that_cannot_start_leaves_no_folder_or_says_why_in_its_own(two_run
 def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tmp_path, monkeypatch):
     from toolkit import train
 
-    def out_of_memory(*args):
+    def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train.Trainer, "train_step", out_of_memory)
+    monkeypatch.setattr(train.Trainer, "forward_backward", out_of_memory)  # what every step calls first
     with pytest.raises(torch.OutOfMemoryError):
         train.main([*RUN, "--output-dir", str(tmp_path / "runs" / "x")])
     assert list(tmp_path.iterdir()) == []
