@@ -257,6 +257,7 @@ def test_a_new_run_that_fails_before_its_first_step_leaves_nothing(tmp_path):
     folder = take(nested)
     (nested / "config.yaml").write_text("x")  # what a trainer writes before its first step
     (nested / "tensorboard").mkdir()
+    (nested / "profile").mkdir()  # anything else it made in a folder of its own goes too
     folder.failed(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), step=0)
     folder.release()
     assert list(tmp_path.iterdir()) == []

@@ -136,7 +136,9 @@ class RunFolder:
         self.released = True
         if self in _held:
             _held.remove(self)
-        if self.discard:
+        if self.discard and self.path in self.created:  # made by this run and held by it since: all of it is its
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.discard:
             remove_entries(self.path, keep=self.previous_entries)
         if self.fd is not None:
             # unlinked before the lock drops: a process waiting on this file then finds it gone and makes anew
@@ -146,6 +148,8 @@ class RunFolder:
         for folder in reversed(self.created):
             try:
                 folder.rmdir()
+            except FileNotFoundError:  # removed above
+                continue
             except OSError:  # not empty: the run is kept, or something else is there now
                 break
 
