@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill at any moment.
+"""Checkpoints that survive a kill at any moment, and say so when they are damaged.
 
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding
 - `model.safetensors`: the weights to use (the moving average when the run keeps one), no pickle;
@@ -7,22 +7,31 @@ A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding
   plain values only, read back with `torch.load(weights_only=True)`, which refuses anything that could run code);
 - `state.json`: the position (epoch, next batch, step), the metrics so far, the best accuracy, the world size;
 - `config.yaml`: the resolved config;
-- `COMPLETE`: written last, listing each file's size.
+- `COMPLETE`: written last, listing each file's size and SHA-256 (`sha256sum` checks them from a shell).
 
-It is written into a temporary folder beside its final place, each file flushed to disk, then renamed into
-place. A folder without its marker, or whose files do not match the marker, is never loaded. Old checkpoints
-are deleted only after the new one is complete, and the best one (by eval accuracy) is never deleted.
+It is written into a temporary folder beside its final place (a name unique to the writing process), each file
+flushed to disk, then renamed into place. Any failure while writing (a full disk, a quota, an error, an interrupt)
+removes the temporary folder. A folder without its marker, or whose files do not match it (size, checksum, or
+fields of the wrong type), is never loaded. Old checkpoints are deleted only after the new one is complete, and the
+best one (by eval accuracy) is never deleted. Checkpoints of the earlier format (sizes only in `COMPLETE`) still
+load, with a note that their contents could not be checked.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
+import re
+import secrets
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import socket
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import yaml
@@ -31,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.errors import UserError
 from toolkit.files import fsync
+from toolkit.rundir import process_exists
 
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
@@ -39,6 +49,12 @@ TRAINER_STATE = "trainer_state.pt"
 STATE = "state.json"
 CONFIG = "config.yaml"
 PREFIX = "step-"
+REQUIRED = (WEIGHTS, TRAINER_STATE, STATE, CONFIG)
+FILES = (*REQUIRED, TRAIN_WEIGHTS)
+FORMAT = 2  # of COMPLETE: 2 = {"format": 2, "files": {name: {"bytes", "sha256"}}}; the earlier one, {name: bytes}
+HASH = "sha256"  # hashed with SHA-NI at ~1.8 GB/s here, and checkable with `sha256sum`
+STAGING = (".tmp-", ".old-")  # a checkpoint being written, and one being replaced
+HOST = socket.gethostname()
 
 
 class CheckpointError(UserError):
@@ -79,6 +95,14 @@ class Checkpoint:
     path: Path | None = None
 
 
+@dataclass(frozen=True)
+class Marker:
+    """What `COMPLETE` records: each file's size, and its SHA-256 (None for the earlier, size-only format)."""
+
+    sizes: dict[str, int]
+    digests: dict[str, str] | None
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     # safetensors stores plain row-major tensors: channels-last weights are made contiguous for the file
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path),
@@ -96,46 +120,156 @@ def step_dir(directory: Path, step: int) -> Path:
     return directory / f"{PREFIX}{step:08d}"
 
 
+# ------------------------------------------------------------------ writing
 def save(directory: Path, state: Checkpoint) -> Path:
-    """Write a complete checkpoint for `state.progress.step` atomically; return its folder."""
-    weights, train_weights, trainer_state = state.weights, state.train_weights, state.trainer_state
-    progress, config, meta = state.progress, state.config, state.meta
+    """Write a complete checkpoint for `state.progress.step` atomically; return its folder. Whatever fails while
+    it is written, the partial folder is removed first: then an error is a CheckpointError naming the intact
+    checkpoint to resume from, and an interrupt (KeyboardInterrupt) goes on as it came."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = step_dir(directory, progress.step)
-    tmp = directory / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    files = [WEIGHTS, TRAINER_STATE, STATE, CONFIG] + ([TRAIN_WEIGHTS] if train_weights is not None else [])
+    final = step_dir(directory, state.progress.step)
+    tmp = directory / staging_name(".tmp-", final.name)
     try:
         tmp.mkdir()
-        save_weights(weights, tmp / WEIGHTS)
-        if train_weights is not None:
-            save_weights(train_weights, tmp / TRAIN_WEIGHTS)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / STATE).write_text(json.dumps({**meta, "progress": asdict(progress)}, indent=1))
-        (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-        for name in files:
-            fsync(tmp / name)
-        (tmp / MARKER).write_text(json.dumps({name: (tmp / name).stat().st_size for name in files}))
+        written = write_files(tmp, state)
+        marker = {"format": FORMAT, "files": written}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
         fsync(tmp / MARKER)
         fsync(tmp)
-    except (OSError, SafetensorError) as error:  # a full disk, a quota, a read-only folder: give the space back
+        install(tmp, final)
+    except BaseException as error:  # torch.save reports a full disk as a RuntimeError: every failure cleans up
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = latest(directory)
-        then = f"continue from {kept[0].name}, which is intact, with --resume auto" if kept else "run again"
-        reason = getattr(error, "strerror", None) or str(error)
-        megabytes = tensor_bytes([weights, train_weights, trainer_state]) / 1e6
-        raise CheckpointError(f"could not write checkpoint {final.name} in {directory} ({reason}): free space (a "
-                              f"checkpoint takes about {megabytes:.0f} MB) and {then}") from None
-    if final.exists():  # the same step saved by an earlier attempt of this run: replace it
-        stale = directory / f".old-{final.name}"
-        shutil.rmtree(stale, ignore_errors=True)
+        if not isinstance(error, Exception):
+            raise
+        raise write_error(directory, final, state, error) from None
+    return final
+
+
+def write_files(folder: Path, state: Checkpoint) -> dict[str, dict[str, Any]]:
+    """Write the checkpoint's files into `folder`, each flushed to disk: {name: {"bytes", "sha256"}}."""
+    written = {WEIGHTS: write_weights(state.weights, folder / WEIGHTS)}
+    if state.train_weights is not None:
+        written[TRAIN_WEIGHTS] = write_weights(state.train_weights, folder / TRAIN_WEIGHTS)
+    written[TRAINER_STATE] = write_through(folder / TRAINER_STATE, lambda file: torch.save(state.trainer_state, file))
+    state_text = json.dumps({**state.meta, "progress": asdict(state.progress)}, indent=1)
+    written[STATE] = write_through(folder / STATE, lambda file: file.write(state_text.encode()))
+    config_text = yaml.safe_dump(state.config, sort_keys=False)
+    written[CONFIG] = write_through(folder / CONFIG, lambda file: file.write(config_text.encode()))
+    return written
+
+
+def write_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    # safetensors writes the file itself: it is hashed read back from the page cache it was just written to
+    # (measured: cheaper than serializing to bytes first to hash them on the way)
+    save_weights(weights, path)
+    fsync(path)
+    return {"bytes": path.stat().st_size, HASH: file_digest(path)}
+
+
+def write_through(path: Path, write: Callable[[BinaryIO], Any]) -> dict[str, Any]:
+    """Create `path` with `write(file)`, hashing the bytes on their way to the file and flushing it to disk."""
+    with open(path, "wb") as file:
+        hashing = HashingFile(file)
+        try:
+            write(hashing)
+        except Exception:
+            if hashing.error is not None:  # the disk's own error (ENOSPC, EFBIG), not torch's RuntimeError about it
+                raise hashing.error from None
+            raise
+        file.flush()
+        os.fsync(file.fileno())
+    return {"bytes": path.stat().st_size, HASH: hashing.hash.hexdigest()}
+
+
+class HashingFile:
+    """A binary file that hashes what is written to it, so a checksum costs no second read. It keeps the first
+    write error: torch.save turns it into a RuntimeError that no longer says what the disk said."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.hash = hashlib.new(HASH)
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+        self.hash.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def install(tmp: Path, final: Path) -> None:
+    """Rename the written folder `tmp` to `final`. The same step saved by an earlier attempt of this run is
+    replaced; if that fails, the earlier one is put back."""
+    if final.exists():
+        stale = final.parent / staging_name(".old-", final.name)
         os.rename(final, stale)
-        os.rename(tmp, final)
-        shutil.rmtree(stale)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(stale, final)
+            raise
+        fsync(final.parent)
+        shutil.rmtree(stale, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    fsync(directory)
-    return final
+        fsync(final.parent)
+
+
+def staging_name(prefix: str, name: str) -> str:
+    """A hidden folder name for writing `name`, unique to this writer: its host, its process and a random part,
+    so that two writers never share one, and pruning can tell whether its writer may still be running."""
+    return f"{prefix}{name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def writer_may_be_running(name: str, sole_writer: bool) -> bool:
+    """Whether the writer of the staging folder `name` may still be writing it: a process of this host that is
+    still there, or one of another host, unless the caller is the folder's only writer (it holds the run folder's
+    lock). A leftover of an earlier version (`.tmp-step-N`) names no writer."""
+    try:
+        head, pid_text, _token = name.rsplit(".", 2)
+        host, pid = head.split(".", 2)[2], int(pid_text)
+    except (ValueError, IndexError):
+        return False
+    if host != HOST:
+        return not sole_writer
+    return pid != os.getpid() and process_exists(pid)
+
+
+def write_error(directory: Path, final: Path, state: Checkpoint, error: Exception) -> CheckpointError:
+    """The one line for a checkpoint that could not be written: why, what to do, and where to continue from."""
+    try:
+        kept = latest(directory)
+    except OSError:
+        kept = []
+    then = f"continue from {kept[0].name}, which is intact, with --resume auto" if kept else "run again"
+    number = error_number(error)
+    reason = os.strerror(number) if number else first_line(error)
+    start = f"could not write checkpoint {final.name} in {directory} ({reason})"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        megabytes = tensor_bytes([state.weights, state.train_weights, state.trainer_state]) / 1e6
+        return CheckpointError(f"{start}: free space (a checkpoint takes about {megabytes:.0f} MB) and {then}")
+    if number == errno.EFBIG:
+        return CheckpointError(f"{start}: a limit on file size (ulimit -f, or the filesystem's own) refuses a file "
+                               f"of this checkpoint; lift it and {then}")
+    return CheckpointError(f"{start}; {then}")
+
+
+def error_number(error: BaseException) -> int | None:
+    """The OS error number behind `error`: an OSError's, or the one safetensors writes into its message."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return int(found.group(1)) if found else None
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def tensor_bytes(value: Any) -> int:
@@ -185,77 +319,246 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def prune(directory: Path, keep_last: int, keep: Path | None = None) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never `keep`, the best one) and any
-    leftovers of interrupted saves. Called only after a new checkpoint is complete."""
+def prune(directory: Path, keep_last: int, keep: Path | None = None, sole_writer: bool = False) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (never `keep`, the best one) and the leftovers
+    of interrupted saves whose writer cannot still be writing them (`sole_writer`: the caller holds the run
+    folder's lock, so no other process writes here). Called only after a new checkpoint is complete."""
     removed = []
     for path in complete_checkpoints(directory)[:-keep_last]:
         if keep is None or path.resolve() != keep.resolve():
             shutil.rmtree(path)
             removed.append(path)
     for path in directory.iterdir():
-        if path.is_dir() and path.name.startswith((".tmp-", ".old-")):
+        if path.is_dir() and path.name.startswith(STAGING) and not writer_may_be_running(path.name, sole_writer):
             shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
-def verify(path: Path) -> None:
-    """Raise CheckpointError unless `path` is a complete checkpoint whose files match its marker."""
+# ------------------------------------------------------------------ reading
+def verify(path: Path, files: Collection[str] | None = None) -> Marker:
+    """Raise CheckpointError unless `path` is a complete checkpoint whose files (or those of them named in
+    `files`: what a reader will read) match its marker: their sizes, and their checksums when the marker records
+    them (the earlier format records sizes only). Returns the marker."""
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder")
     if not is_complete(path):
         raise CheckpointError(f"{path} is incomplete (no {MARKER} marker): it was being written when its run "
                               f"stopped")
-    try:
-        sizes = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{path / MARKER} is corrupted") from None
-    for name, size in sizes.items():
+    marker = read_marker(path)
+    checked = [name for name in marker.sizes if files is None or name in files]
+    for name in checked:  # every size first: cheap, and what a truncated copy shows
+        size = marker.sizes[name]
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         if file.stat().st_size != size:
             raise CheckpointError(f"{file} is truncated or corrupted ({file.stat().st_size} bytes, "
                                   f"{size} when saved)")
+    for name in checked if marker.digests else ():
+        if file_digest(path / name) != marker.digests[name]:
+            raise CheckpointError(f"{path / name} is corrupted: its contents differ from those saved (the "
+                                  f"{HASH} recorded in {MARKER} does not match)")
+    return marker
+
+
+def file_digest(path: Path) -> str:
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, HASH).hexdigest()
+    except OSError as error:
+        raise CheckpointError(f"{path} is unreadable ({error.strerror})") from None
+
+
+def read_marker(path: Path) -> Marker:
+    """The marker of the checkpoint folder `path`, checked field by field: a CheckpointError says what is wrong."""
+    file = path / MARKER
+    marker = read_json(file)
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{file} is corrupted: {json_kind(marker)} where an object belongs")
+    if "format" not in marker:  # the earlier format: {name: bytes}
+        check_names(file, marker)
+        for name, size in marker.items():
+            check_number(file, name, size, int, minimum=0)
+        return Marker(sizes=dict(marker), digests=None)
+    if marker["format"] != FORMAT:
+        raise CheckpointError(f"{file} is of format {marker['format']!r}, which this version does not read "
+                              f"(it reads {FORMAT} and the earlier size-only format)")
+    unknown = sorted(set(marker) - {"format", "files"})
+    if unknown:
+        raise CheckpointError(f"{file} is corrupted: unknown key {unknown[0]!r}")
+    entries = marker.get("files")
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{file} is corrupted: files is {json_kind(entries)} where an object belongs")
+    check_names(file, entries)
+    sizes, digests = {}, {}
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or set(entry) != {"bytes", HASH}:
+            raise CheckpointError(f"{file} is corrupted: the entry of {name} is not {{\"bytes\": ..., "
+                                  f"\"{HASH}\": ...}}")
+        sizes[name] = check_number(file, f"{name} bytes", entry["bytes"], int, minimum=0)
+        digest = entry[HASH]
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise CheckpointError(f"{file} is corrupted: the {HASH} of {name} is {json_kind(digest)}, not 64 "
+                                  f"hexadecimal digits")
+        digests[name] = digest
+    return Marker(sizes=sizes, digests=digests)
+
+
+def check_names(file: Path, entries: dict[str, Any]) -> None:
+    unknown = sorted(set(entries) - set(FILES))
+    if unknown:  # a name such as ../../x must never become a path to read
+        raise CheckpointError(f"{file} is corrupted: it lists {unknown[0]!r}, which is not a checkpoint file")
+    missing = [name for name in REQUIRED if name not in entries]
+    if missing:
+        raise CheckpointError(f"{file} is corrupted: it does not list {missing[0]}")
 
 
 def load(path: Path) -> Checkpoint:
     """Read a verified checkpoint onto the CPU. Nothing is unpickled beyond tensors and plain values."""
-    verify(path)
+    marker = verify(path)
     weights = load_weights(path / WEIGHTS)
-    train_weights = load_weights(path / TRAIN_WEIGHTS) if (path / TRAIN_WEIGHTS).exists() else None
+    train_weights = load_weights(path / TRAIN_WEIGHTS) if TRAIN_WEIGHTS in marker.sizes else None
     try:
         trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, or a pickle the safe loader refuses
         reason = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path / TRAINER_STATE} is corrupted or unsafe and was not loaded ({reason})") \
             from None
-    try:
-        progress = TrainProgress(**json.loads((path / STATE).read_text())["progress"])
-    except (OSError, ValueError, TypeError, KeyError):
-        raise CheckpointError(f"{path / STATE} is unreadable") from None
+    if not isinstance(trainer_state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE} is corrupted: it holds a {type(trainer_state).__name__}, "
+                              f"not a dict of states")
+    progress, meta = read_state(path)
     return Checkpoint(weights=weights, train_weights=train_weights, trainer_state=trainer_state,
-                      progress=progress, config=load_config(path), meta=load_meta(path), path=path)
+                      progress=progress, config=load_config(path), meta=meta, path=path)
+
+
+def has_checksums(path: Path) -> bool:
+    """Whether the checkpoint's marker records checksums (the earlier format records sizes only)."""
+    return read_marker(path).digests is not None
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    """The resolved training config saved with a checkpoint."""
+    """The resolved training config saved with a checkpoint: a mapping of names to values."""
+    file = path / CONFIG
     try:
-        config = yaml.safe_load((path / CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        config = None
+        config = yaml.safe_load(file.read_text())
+    except OSError as error:
+        raise CheckpointError(f"{file} is missing or unreadable ({error.strerror})") from None
+    except (yaml.YAMLError, ValueError) as error:  # ValueError: bytes that are not UTF-8
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{file} is corrupted: not YAML ({reason})") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path / CONFIG} is missing or unreadable")
+        raise CheckpointError(f"{file} is corrupted: a YAML {type(config).__name__} where a mapping of keys to "
+                              f"values belongs")
+    wrong = [key for key in config if not isinstance(key, str)]
+    if wrong:
+        raise CheckpointError(f"{file} is corrupted: the key {wrong[0]!r} is not a name")
     return config
 
 
 def load_meta(path: Path) -> dict[str, Any]:
-    """World size, device and precision of the run that saved a checkpoint ({} if unknown)."""
+    """World size, device and precision of the run that saved a checkpoint (each only if recorded)."""
+    return read_state(path)[1]
+
+
+# `state.json`: each progress field is checked against its type in TrainProgress; a number is a count or a time
+# (at least 0) but for these, -1 before the first evaluation. The metadata beside it:
+PROGRESS_MINIMUM = {"best_accuracy": -1.0, "best_step": -1}
+META_FIELDS: dict[str, type] = {"world_size": int, "device": str, "precision": str}
+
+
+def read_state(path: Path) -> tuple[TrainProgress, dict[str, Any]]:
+    """(progress, metadata) from a checkpoint's `state.json`, every field checked: a CheckpointError names the
+    file and the field. A field a checkpoint does not hold (saved before it existed) has its default."""
+    file = path / STATE
+    state = read_json(file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is corrupted: {json_kind(state)} where an object belongs")
+    saved = state.get("progress")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file} is corrupted: progress is {json_kind(saved)} where an object belongs")
+    known = {f.name: str(f.type) for f in fields(TrainProgress)}  # name: annotation ("int", "list[...]")
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        raise CheckpointError(f"{file} is corrupted: unknown progress field {unknown[0]!r}")
+    values = {}
+    for name, value in saved.items():
+        kind = known[name]
+        if kind in ("int", "float"):
+            values[name] = check_number(file, f"progress.{name}", value, int if kind == "int" else float,
+                                        PROGRESS_MINIMUM.get(name, 0))
+        elif kind.startswith(("list", "dict")) and not isinstance(value, list if kind.startswith("list") else dict):
+            wanted = "a list" if kind.startswith("list") else "an object"
+            raise CheckpointError(f"{file} is corrupted: progress.{name} is {json_kind(value)} where {wanted} "
+                                  f"belongs")
+        else:
+            values[name] = value
+    if "history" in values:
+        check_history(file, values["history"])
+    progress = TrainProgress(**values)
+    if progress.best_accuracy > 1 or -1 < progress.best_accuracy < 0:
+        raise CheckpointError(f"{file} is corrupted: progress.best_accuracy is {progress.best_accuracy}, neither "
+                              f"-1 (none yet) nor between 0 and 1")
+    for name in ("best_step", "skipped_steps"):
+        if getattr(progress, name) > progress.step:
+            raise CheckpointError(f"{file} is corrupted: progress.{name} is {getattr(progress, name)}, past "
+                                  f"progress.step {progress.step}")
+    if re.fullmatch(rf"{PREFIX}\d{{8}}", path.name) and step_dir(path.parent, progress.step).name != path.name:
+        raise CheckpointError(f"{file} is corrupted: progress.step is {progress.step}, and the folder is "
+                              f"{path.name}")
+    meta = {key: value for key, value in state.items() if key != "progress"}
+    for key, kind in META_FIELDS.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise CheckpointError(f"{file} is corrupted: {key} is {json_kind(meta[key])}, not "
+                                  f"{'a whole number' if kind is int else 'a string'}")
+    if meta.get("world_size", 1) < 1:
+        raise CheckpointError(f"{file} is corrupted: world_size is {meta['world_size']}, not at least 1")
+    return progress, meta
+
+
+def check_history(file: Path, history: list[Any]) -> None:
+    """The evaluation records: objects, each with its epoch and eval accuracy (what a run's summary reads)."""
+    for index, record in enumerate(history):
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{file} is corrupted: progress.history[{index}] is {json_kind(record)} where "
+                                  f"an object belongs")
+        check_number(file, f"progress.history[{index}].epoch", record.get("epoch"), int, 0)
+        check_number(file, f"progress.history[{index}].eval_accuracy", record.get("eval_accuracy"), float, 0.0)
+
+
+def check_number(file: Path, name: str, value: Any, kind: type, minimum: float) -> Any:
+    """`value` if it is a `kind` (an int where a float belongs is one) of at least `minimum`, finite; else a
+    CheckpointError naming `file` and the field."""
+    allowed = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        wanted = "a whole number" if kind is int else "a number"
+        raise CheckpointError(f"{file} is corrupted: {name} is {json_kind(value)}, not {wanted}")
+    if not math.isfinite(value) or value < minimum:
+        raise CheckpointError(f"{file} is corrupted: {name} is {value}, not a finite value of at least {minimum:g}")
+    return kind(value)
+
+
+def read_json(file: Path) -> Any:
     try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in state.items() if k != "progress"} if isinstance(state, dict) else {}
+        return json.loads(file.read_text())
+    except OSError as error:
+        raise CheckpointError(f"{file} is missing or unreadable ({error.strerror})") from None
+    except ValueError as error:  # not JSON, or bytes that are not UTF-8
+        raise CheckpointError(f"{file} is corrupted: not JSON ({str(error).splitlines()[0]})") from None
+
+
+def json_kind(value: Any) -> str:
+    """How a JSON value is named in a message: 'a list', 'the string \"abc\"', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        shown = value if len(value) <= 20 else value[:17] + "..."
+        return f"the string {json.dumps(shown)}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -281,17 +584,25 @@ def latest(directory: Path) -> list[Path]:
 
 def choose_for_resume(directory: Path, resume: str, announce: Callable[[str], None]) -> Checkpoint | None:
     """The checkpoint a run resumes from, loaded: `resume` auto is the newest complete checkpoint in `directory`
-    that loads (announcing each one skipped), or None when there is none; otherwise `resume` is a checkpoint
-    folder, and one that does not load is a CheckpointError."""
+    that loads and passes every check (announcing each one skipped), or None when there is none; otherwise
+    `resume` is a checkpoint folder, and one that does not load is a CheckpointError."""
     if resume != "auto":
-        return load(Path(resume))
+        return loaded(Path(resume), announce)
     for path in latest(directory):
         try:
-            return load(path)
+            return loaded(path, announce)
         except CheckpointError as error:
             announce(f"warning: {error}; trying the previous checkpoint")
     announce(f"no complete checkpoint in {directory}: starting from scratch")
     return None
+
+
+def loaded(path: Path, announce: Callable[[str], None]) -> Checkpoint:
+    state = load(path)
+    if not has_checksums(path):
+        announce(f"note: {path} was saved by an earlier version, without checksums: its file sizes were checked, "
+                 f"not its contents")
+    return state
 
 
 def for_inference(path: Path) -> tuple[Path, str]:
@@ -309,8 +620,8 @@ def for_inference(path: Path) -> tuple[Path, str]:
     if not candidates:
         raise CheckpointError(f"{path} is neither a checkpoint folder nor a run folder with complete checkpoints")
     try:
-        best_step = json.loads((candidates[0] / STATE).read_text())["progress"]["best_step"]
-    except (OSError, ValueError, KeyError):
+        best_step = read_state(candidates[0])[0].best_step
+    except CheckpointError:  # then the latest, whose own check will say what is wrong
         best_step = -1
     best = step_dir(path / "checkpoints", best_step)
     if best_step >= 0 and is_complete(best):

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from toolkit import checkpoint, devices, plots, tracking
+from toolkit import checkpoint, devices, plots, rundir, tracking
 from toolkit.averaging import WeightAverage
 from toolkit.checkpoint import Checkpoint, TrainProgress
 from toolkit.config import (
@@ -70,11 +69,10 @@ class Trainer:
         devices.configure(self.device_kind, config.deterministic, config.cpu_threads,
                           int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.console = TrainConsole(acc.is_main_process and not quiet)
-        self.output_dir = self._output_dir()
+        # The run folder is this run's alone from here (rundir): a refusal comes before anything is written.
+        self.run_folder = rundir.claim(config.output_dir, config.resume, acc.is_main_process, self.console.print)
+        self.output_dir = self.run_folder.path
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        if not config.resume and (self.output_dir / "metrics.jsonl").exists():
-            raise UsageError(f"{self.output_dir} already holds a run: pass --resume auto to continue it, or "
-                             f"choose another --output-dir")
 
         # --- data: uint8 on the device; one process per machine reads (or downloads) first ---
         root = resolve_data_dir(config.data_dir)
@@ -530,9 +528,11 @@ class Trainer:
         state = self.state_dict()
         if self.accelerator.is_main_process:
             self.trackers.flush()
-            checkpoint.save(self.checkpoints_dir, state)
+            saved = checkpoint.save(self.checkpoints_dir, state)
+            self.run_folder.saved(self.progress.step, saved)
             best = checkpoint.step_dir(self.checkpoints_dir, self.progress.best_step)
-            checkpoint.prune(self.checkpoints_dir, self.config.keep_last, keep=best)
+            checkpoint.prune(self.checkpoints_dir, self.config.keep_last, keep=best,
+                             sole_writer=self.run_folder.locked)
         self.last_saved_step = self.progress.step
         self.accelerator.wait_for_everyone()
         self.last_save_seconds = time.perf_counter() - started
@@ -549,18 +549,10 @@ class Trainer:
         if path[0] is None:
             return None
         self.load_state_dict(chosen or checkpoint.load(Path(path[0])))
+        self.run_folder.starts_at(self.progress.step)
         return Path(path[0])
 
     # ------------------------------------------------------------------ helpers
-    def _output_dir(self) -> Path:
-        if self.config.output_dir:
-            return Path(self.config.output_dir)
-        if self.config.resume == "auto":
-            raise UsageError("--resume auto needs --output-dir: the run folder to continue")
-        name = [f"runs/{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(name)  # the main process's clock names the folder for all
-        return Path(name[0])
-
     def _slowest(self, seconds: float) -> float:
         """The longest of every process's `seconds`: throughput is all processes' images over the slowest time."""
         return max(gather_object([seconds])) if self.world_size > 1 else seconds
@@ -642,6 +634,7 @@ class Trainer:
         self.console.close()
         if hasattr(self, "stop"):
             self.stop.close()
+        self.run_folder.release()
         self.accelerator.end_training()
 
 
@@ -713,12 +706,27 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
 def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error("toolkit.train"):
         config = parse_args(argv)
-        with devices.out_of_memory_named(f"--image-size {config.image_size} and --batch-size {config.batch_size}"):
-            trainer = Trainer(config)
-            try:
-                return trainer.train()
-            finally:
-                trainer.close()
+        def out_of_memory_named():  # the device's out-of-memory error as one line naming the sizes asked for
+            return devices.out_of_memory_named(f"--image-size {config.image_size} and --batch-size "
+                                               f"{config.batch_size}")
+
+        try:
+            with out_of_memory_named():
+                trainer = Trainer(config)
+        except BaseException as error:
+            rundir.release_held(error)  # a run that could not start: its new folder removed, or the failure recorded
+            raise
+        try:
+            with out_of_memory_named():
+                code = trainer.train()
+            # recorded before exiting: a launcher may kill this process soon after
+            trainer.run_folder.ended(code, trainer.stop_reason)
+            return code
+        except BaseException as error:
+            trainer.run_folder.failed(error, trainer.progress.step)
+            raise
+        finally:
+            trainer.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,555 @@
+"""A run folder belongs to one run: which run may use it, the lock on it, and `run.json`.
+
+Unit tests first (no training); then the cases that lost data before, with real processes through the real
+command line, each checking that every file that existed before is byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, mnist_root, run, run_module
+
+from toolkit import checkpoint, rundir
+from toolkit.errors import UsageError
+from toolkit.rundir import HOST, RunFolderError
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """{path: sha256} of every file (and each folder) under `folders`."""
+    found = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+    return found
+
+
+def record(path: Path) -> dict:
+    return json.loads((path / "run.json").read_text())
+
+
+@pytest.fixture
+def said() -> list[str]:
+    return []
+
+
+def take(path, resume="", said=None):
+    return rundir.claim(str(path), resume, announce=(said.append if said is not None else print))
+
+
+def fake_run(path: Path, steps=(1,)) -> Path:
+    """A run folder as a run leaves it (the checkpoints need not load: claiming reads none)."""
+    for step in steps:
+        (checkpoint.step_dir(path / "checkpoints", step)).mkdir(parents=True)
+        (checkpoint.step_dir(path / "checkpoints", step) / "COMPLETE").write_text("{}")
+    (path / "config.yaml").write_text("lr: 0.1\n")
+    (path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (path / "tensorboard").mkdir()
+    return path
+
+
+# ------------------------------------------------------------------ which run may use a folder
+
+def test_a_new_run_takes_its_folder_records_itself_and_lets_go(tmp_path, said):
+    path = tmp_path / "runs" / "a"
+    folder = take(path, said=said)
+    assert folder.path == path and folder.owner and folder.new and folder.locked and said == []
+    holder = json.loads((path / "run.lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == HOST
+    assert record(path)["status"] == "running" and record(path)["resume"] == f"--resume auto --output-dir {path}"
+    folder.saved(3, path / "checkpoints" / "step-00000003")
+    assert (record(path)["step"], record(path)["checkpoint"]) == (3, str(path / "checkpoints" / "step-00000003"))
+    folder.ended(0)
+    folder.release()
+    assert record(path)["status"] == "finished" and record(path)["resume"] is None
+    assert sorted(p.name for p in path.iterdir()) == ["run.json"]  # the lock file goes with the lock
+
+
+@pytest.mark.parametrize("where", ["is", "under"])
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_anything_is_written(tmp_path, where):
+    (tmp_path / "notes.txt").write_text("mine")
+    path = tmp_path / "notes.txt" if where == "is" else tmp_path / "notes.txt" / "run" / "x"
+    before = snapshot(tmp_path)
+    with pytest.raises(RunFolderError) as raised:
+        take(path)
+    message = (f"--output-dir {path} is a file, not a folder" if where == "is" else
+               f"--output-dir {path} lies under {tmp_path / 'notes.txt'}, which is a file, not a folder")
+    assert str(raised.value).startswith(message) and raised.value.exit_code == 2
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("entry", rundir.RUN_FILES)
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, entry):
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / entry).mkdir() if entry in ("checkpoints", "tensorboard") else (path / entry).write_text("x")
+    before = snapshot(tmp_path)
+    with pytest.raises(RunFolderError, match=f"{path} already holds a run: pass --resume auto to continue it, or "
+                                             f"choose another --output-dir \\(it has {entry}\\)"):
+        take(path)
+    assert snapshot(tmp_path) == before
+
+
+def test_another_runs_checkpoint_starts_a_fork_in_a_new_folder_and_nowhere_else(tmp_path, said):
+    a, b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b")
+    source = b / "checkpoints" / "step-00000001"
+    before = snapshot(a, b)
+    with pytest.raises(RunFolderError) as raised:  # the data-loss case: resuming B's checkpoint into A
+        take(a, str(source))
+    assert str(raised.value) == (
+        f"--resume {source} is a checkpoint of the run {b}, and --output-dir {a} holds another run: a run continues "
+        f"only from its own checkpoints (--resume auto); to start a new run from {source}, choose a new or empty "
+        f"--output-dir")
+    with pytest.raises(RunFolderError, match=f"--output-dir {a / 'sub'} lies inside the run folder {a}"):
+        take(a / "sub", str(source))
+    assert snapshot(a, b) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+    fork = take(tmp_path / "c", str(source))
+    assert fork.new and fork.forked_from == str(source.resolve())
+    assert record(tmp_path / "c")["forked_from"] == str(source.resolve())
+    fork.release()
+    assert snapshot(a, b) == before  # the source run only read
+
+    for resume in ("auto", str(a / "checkpoints" / "step-00000001"), str(a / "checkpoints" / ".." / "checkpoints" /
+                                                                          "step-00000001")):
+        own = take(a, resume)  # its own run: continued
+        assert not own.new and own.forked_from is None
+        own.release()
+
+
+def test_a_continued_run_keeps_its_history(tmp_path):
+    path = tmp_path / "c"
+    fork = take(path, str(fake_run(tmp_path / "b") / "checkpoints" / "step-00000001"))
+    fork.saved(7, path / "checkpoints" / "step-00000007")
+    fork.ended(143)
+    fork.release()
+    started = record(path)["started"]
+    again = take(path, "auto")
+    kept = record(path)
+    assert (kept["status"], kept["started"], kept["step"], kept["forked_from"]) == (
+        "running", started, 7, str((tmp_path / "b" / "checkpoints" / "step-00000001").resolve()))
+    again.release()
+
+
+def test_default_folders_get_their_own_name_even_in_the_same_second(tmp_path, monkeypatch):
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 5, 6, 7, 8, 9)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    first, second = take(""), take("")
+    assert (first.path, second.path) == (Path("runs/20240506-070809"), Path("runs/20240506-070809-2"))
+    for folder in (second, first):
+        folder.failed(RuntimeError("out of memory"), step=0)
+        folder.release()
+    assert list(tmp_path.iterdir()) == []  # failed before a step: nothing left, not even runs/
+    with pytest.raises(RunFolderError, match="--resume auto needs --output-dir"):
+        take("", "auto")
+
+
+# ------------------------------------------------------------------ the lock
+
+def test_a_held_folder_is_refused_at_once_naming_its_holder(tmp_path):
+    path = tmp_path / "run"
+    first = take(path)
+    before = snapshot(tmp_path)
+    for resume in ("", "auto"):
+        with pytest.raises(RunFolderError) as raised:
+            take(path, resume)
+        assert str(raised.value).startswith(f"{path} is in use by another training (pid {os.getpid()} on {HOST}, "
+                                            f"started {first.started}): wait for it to end or stop it")
+    assert snapshot(tmp_path) == before
+    first.release()
+    take(path, "auto").release()
+
+
+HOLDER = ("import sys, time; from toolkit import rundir; "
+          "rundir.claim(sys.argv[1], 'auto', announce=lambda m: None); print('held', flush=True); time.sleep(120)")
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_saying_so(tmp_path, said):
+    path = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunFolderError, match=f"in use by another training \\(pid {holder.pid} on {HOST}"):
+            take(path, "auto")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((path / "run.lock").read_text())["pid"] == holder.pid  # what a killed holder leaves
+    folder = take(path, "auto", said)
+    assert said == [f"note: {path} was held by pid {holder.pid} on {HOST}, started {record(path)['started']}, which "
+                    f"ended without letting go of it (killed, or crashed): this run takes it over"]
+    assert json.loads((path / "run.lock").read_text())["pid"] == os.getpid()
+    folder.release()
+
+
+def test_a_filesystem_without_locks_is_said_and_not_fatal(tmp_path, monkeypatch, said):
+    path = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline() == "held\n"
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    warning = (f"warning: the filesystem of {path} has no working file locks (No locks available): a second "
+               f"training started on this folder would not be stopped")
+    try:  # without locks, a holder on this machine is still known by its pid
+        with pytest.raises(RunFolderError, match=f"in use by another training \\(pid {holder.pid} on {HOST}"):
+            take(path, "auto", said)
+        assert said == [warning]
+    finally:
+        holder.kill()
+        holder.wait()
+    folder = take(path, "auto", said)
+    assert not folder.locked and said[1:] == [warning, f"note: {path} was held by pid {holder.pid} on {HOST}, "
+                                                       f"started {record(path)['started']}; without working locks, "
+                                                       f"whether it still runs cannot be told from here: this run "
+                                                       f"takes the folder over"]
+    folder.release()
+    assert not (path / "run.lock").exists()
+
+
+# ------------------------------------------------------------------ how a run ended
+
+@pytest.mark.parametrize("code, status, reason", [(0, "finished", None), (143, "stopped", "SIGTERM"),
+                                                  (130, "stopped", "SIGINT"), (3, "stopped", "exit status 3")])
+def test_how_a_run_ended_is_recorded(tmp_path, code, status, reason):
+    folder = take(tmp_path / "run")
+    folder.saved(4, tmp_path / "run" / "checkpoints" / "step-00000004")
+    folder.ended(code)
+    folder.release()
+    saved = record(tmp_path / "run")
+    assert (saved["status"], saved["reason"], saved["step"]) == (status, reason, 4)
+    assert saved["resume"] == (None if code == 0 else f"--resume auto --output-dir {tmp_path / 'run'}")
+
+
+@pytest.mark.parametrize("reason, status", [("time_limit", "stopped"), ("max_steps", "finished"),
+                                            ("early_stop", "finished"), ("target_accuracy", "finished")])
+def test_the_trainers_stop_reason_says_whether_a_run_is_to_be_resumed(tmp_path, reason, status):
+    folder = take(tmp_path / "run")
+    folder.ended(0, reason)  # the time limit stops with exit status 0, and is to be resumed all the same
+    assert (record(tmp_path / "run")["status"], record(tmp_path / "run")["reason"]) == (status, reason)
+    folder.release()
+
+
+def test_a_new_run_that_fails_before_its_first_step_leaves_nothing(tmp_path):
+    nested = tmp_path / "a" / "b" / "run"
+    folder = take(nested)
+    (nested / "config.yaml").write_text("x")  # what a trainer writes before its first step
+    (nested / "tensorboard").mkdir()
+    (nested / "profile").mkdir()  # anything else it made in a folder of its own goes too
+    folder.failed(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), step=0)
+    folder.release()
+    assert list(tmp_path.iterdir()) == []
+
+    mine = tmp_path / "mine"  # a folder the user made, with a file of theirs: only the run's files go
+    mine.mkdir()
+    (mine / "slurm-1.out").write_text("log")
+    folder = take(mine)
+    (mine / "metrics.jsonl").write_text("")
+    rundir.release_held(UsageError("bad"))
+    assert [p.name for p in mine.iterdir()] == ["slurm-1.out"]
+
+    fork = take(tmp_path / "fork", str(fake_run(tmp_path / "src") / "checkpoints" / "step-00000001"))
+    fork.starts_at(1)
+    fork.failed(RuntimeError("out of memory"), step=1)
+    fork.release()
+    assert not (tmp_path / "fork").exists()
+
+
+def test_a_run_that_fails_later_keeps_its_folder_and_says_why(tmp_path):
+    folder = take(tmp_path / "new")
+    folder.failed(UsageError("loss is not finite at step 3"), step=3)
+    folder.release()
+    saved = record(tmp_path / "new")
+    assert (saved["status"], saved["reason"], saved["message"]) == ("failed", "UsageError",
+                                                                    "loss is not finite at step 3")
+    existing = fake_run(tmp_path / "old")
+    folder = take(existing, "auto")  # a continued run is never removed: it failed, and says so
+    rundir.release_held(RuntimeError("first line\nsecond line"))
+    assert record(existing)["message"] == "RuntimeError: first line" and (existing / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------ real processes, the real command line
+
+needs_mnist = pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set TOOLKIT_DATA_DIR "
+                                                               "to a folder holding MNIST/raw/")
+# 2 steps per epoch, a checkpoint each step (0.75 GB), stopped after the first
+RUN = ["--image-size", "65", "--train-samples", "32", "--eval-samples", "50", "--batch-size", "16", "--epochs", "1",
+       "--warmup-steps", "1", "--log-every-steps", "1", "--checkpoint-every-steps", "1", "--keep-last", "1",
+       "--seed", "3", "--max-steps", "1", "--cpu-threads", "1"]
+LONG = ["--train-samples", "256", "--max-steps", "0", "--checkpoint-every-steps", "8"]  # 16 steps
+STEP_1 = "checkpoints/step-00000001"
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "toolkit.train", *RUN, "--output-dir", str(out), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(process: subprocess.Popen[str], text: str) -> str:
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    raise AssertionError(f"never printed {text!r}:\n" + "".join(lines))
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("toolkit.train: error: ")
+    return lines[0].removeprefix("toolkit.train: error: ")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two runs started at once in two folders (each to its first checkpoint): (a, b)."""
+    folder = tmp_path_factory.mktemp("two-runs")
+    a, b = folder / "a", folder / "b"
+    processes = [start(a), start(b)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    yield a, b
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_mnist
+def test_two_runs_at_once_in_two_folders_both_finish(two_runs):
+    for path in two_runs:
+        assert record(path)["status"] == "finished"
+        assert sorted(p.name for p in path.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "run.json",
+                                                          "tensorboard"]
+        assert [p.name for p in (path / "checkpoints").iterdir()] == ["step-00000001"]
+        checkpoint.load(path / STEP_1)
+
+
+@needs_mnist
+def test_resuming_another_runs_checkpoint_into_a_run_is_refused_and_changes_nothing(two_runs):
+    a, b = two_runs
+    before = snapshot(a, b)
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(a), "--resume", str(b / STEP_1),
+                        "--keep-last", "1")
+    assert result.returncode == 2
+    assert one_error_line(result).startswith(f"--resume {b / STEP_1} is a checkpoint of the run {b}, and "
+                                             f"--output-dir {a} holds another run")
+    assert snapshot(a, b) == before
+
+
+@needs_mnist
+def test_another_runs_checkpoint_forks_a_new_run_that_records_it(two_runs, tmp_path):
+    _, b = two_runs
+    before = snapshot(b)
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(tmp_path / "fork"), "--resume", str(b / STEP_1),
+                        "--max-steps", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved = record(tmp_path / "fork")
+    assert (saved["status"], saved["forked_from"], saved["step"]) == ("finished", str(b / STEP_1), 2)
+    assert snapshot(b) == before
+
+
+@needs_mnist
+def test_a_second_training_on_a_folder_in_use_is_refused_at_once(tmp_path):
+    out = tmp_path / "run"
+    first = start(out, *LONG)
+    try:
+        wait_for(first, "step 1/16")
+        first.send_signal(signal.SIGSTOP)  # held still, so that any write by the others would show
+        before = snapshot(out)
+        started = json.loads((out / "run.lock").read_text())["started"]
+        for extra in (("--resume", "auto"), ()):
+            result = run_module("toolkit.train", *RUN, *LONG, "--output-dir", str(out), *extra, timeout=120)
+            assert result.returncode == 2
+            assert one_error_line(result) == (f"{out} is in use by another training (pid {first.pid} on {HOST}, "
+                                              f"started {started}): wait for it to end or stop it, or choose another "
+                                              f"--output-dir")
+        assert snapshot(out) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output  # before, both died at their first checkpoint
+    assert record(out)["status"] == "finished"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000016"]
+
+
+@needs_mnist
+def test_the_lock_of_a_killed_training_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    killed = start(out, *LONG)
+    wait_for(killed, "step 2/16")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert record(out)["status"] == "running"  # what a killed run leaves: the record says it never ended
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(out), "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note: {out} was held by pid {killed.pid} on {HOST}" in result.stdout
+    assert record(out)["status"] == "finished" and not (out / "run.lock").exists()
+
+
+@needs_mnist
+def test_a_full_disk_while_saving_is_one_line_and_the_intact_checkpoint_stays(two_runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_runs[0], out)
+    before = snapshot(out / "checkpoints")
+
+    def limit_file_size():  # the weights files (187 MB each) fit; the AdamW state (375 MB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (250 * 2**20, resource.RLIM_INFINITY))
+
+    result = subprocess.run([sys.executable, "-m", "toolkit.train", *RUN, "--output-dir", str(out), "--resume", "auto",
+                             "--max-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = one_error_line(result)
+    assert line == (f"could not write checkpoint step-00000002 in {out / 'checkpoints'} (File too large): a limit on "
+                    f"file size (ulimit -f, or the filesystem's own) refuses a file of this checkpoint; lift it and "
+                    f"continue from step-00000001, which is intact, with --resume auto")
+    assert snapshot(out / "checkpoints") == before  # no partial folder, the intact one untouched
+    assert (record(out)["status"], record(out)["message"]) == ("failed", line)
+
+
+@needs_mnist
+@pytest.mark.parametrize("where", ["is", "under"])
+def test_an_output_dir_that_is_a_file_is_one_line_and_writes_nothing(tmp_path, where):
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" if where == "is" else tmp_path / "file" / "run"
+    before = snapshot(tmp_path)
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(out))
+    assert result.returncode == 2
+    assert f"--output-dir {out} " in one_error_line(result)
+    assert snapshot(tmp_path) == before
+
+
+@needs_mnist
+def test_a_run_that_cannot_start_leaves_no_folder_or_says_why_in_its_own(two_runs, tmp_path):
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(tmp_path / "new"), "--resume",
+                        str(tmp_path / "nothing"))
+    assert result.returncode == 1
+    assert one_error_line(result) == f"{tmp_path / 'nothing'} is not a checkpoint folder"
+    assert list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "run"
+    shutil.copytree(two_runs[0], out)
+    before = snapshot(out)
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(out), "--resume", "auto", "--lr", "0.5")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "the config differs (lr:" in line
+    assert (record(out)["status"], record(out)["message"]) == ("failed", line)
+    assert {k: v for k, v in snapshot(out).items() if not k.endswith("run.json")} == \
+        {k: v for k, v in before.items() if not k.endswith("run.json")}
+
+
+@needs_mnist
+def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tmp_path, monkeypatch):
+    from toolkit import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "forward_backward", out_of_memory)  # what every step calls first
+    with pytest.raises(torch.OutOfMemoryError):
+        train.main([*RUN, "--output-dir", str(tmp_path / "runs" / "x")])
+    assert list(tmp_path.iterdir()) == []
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "launch" / "cpu_ddp.yaml"),
+              "--num_processes", "2", "toolkit/train.py", "--device", "cpu"]
+
+
+@needs_mnist
+def test_under_ddp_a_refusal_is_one_line_from_the_main_process_and_no_hang(tmp_path):
+    out = tmp_path / "run"
+    holder = take(out)  # this test process holds the folder
+    before = snapshot(out)
+    started = time.monotonic()
+    result = run([*ACCELERATE, *RUN, "--output-dir", str(out), "--resume", "auto"], timeout=180)
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    errors = [line for line in result.stderr.splitlines() if line.startswith("toolkit.train: error")]
+    assert errors == [f"toolkit.train: error: {out} is in use by another training (pid {os.getpid()} on {HOST}, "
+                      f"started {holder.started}): wait for it to end or stop it, or choose another --output-dir"]
+    assert snapshot(out) == before
+    holder.release()
+
+
+@needs_mnist
+def test_sigterm_to_the_ddp_launcher_exits_1_and_run_json_says_stopped(tmp_path):
+    out = tmp_path / "run"
+    launcher = subprocess.Popen([*ACCELERATE, *RUN, *LONG, "--log-every-steps", "2", "--output-dir", str(out)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(launcher, "step 2/8")
+    launcher.send_signal(signal.SIGTERM)  # the launcher alone: it passes the signal on to its workers
+    output = launcher.communicate(timeout=180)[0]
+    assert launcher.returncode == 1, output  # not 143: what the launcher returns says nothing of the run
+    saved = record(out)
+    assert (saved["status"], saved["reason"]) == ("stopped", "SIGTERM"), output
+    assert saved["resume"] == f"--resume auto --output-dir {out}"
+    assert saved["checkpoint"] == str(checkpoint.step_dir(out / "checkpoints", saved["step"]))
+    checkpoint.load(Path(saved["checkpoint"]))
+
+
+# ------------------------------------------------------------------ the SLURM script
+
+SRUN = """#!/bin/bash
+echo "srun TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT ${@: -3}" >> "$LOG"
+mkdir -p "$RUN_DIR"
+if [ -n "$FAKE_STATUS" ]; then printf '{"status": "%s"}' "$FAKE_STATUS" > "$RUN_DIR/run.json"; fi
+exit "$FAKE_EXIT"
+"""
+SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then echo node1; echo node2; else echo "scontrol $*" >> "$LOG"; fi
+"""
+
+
+@pytest.mark.parametrize("status, launcher_exit, exit_code, requeued", [
+    ("stopped", 1, 0, True),  # what accelerate launch returns after its workers saved and exited 143
+    ("finished", 0, 0, False),
+    ("failed", 1, 1, False),
+    ("running", 137, 1, False),  # killed before it could record: not requeued blindly
+    ("", 1, 1, False),  # no run.json at all
+])
+def test_the_slurm_script_requeues_from_run_json_not_the_launchers_exit(tmp_path, status, launcher_exit, exit_code,
+                                                                         requeued):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node[1-2]", "LOG": str(log), "FAKE_STATUS": status,
+           "FAKE_EXIT": str(launcher_exit)}
+    env.pop("RUN_DIR", None)
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_multi_node.sbatch"), "--epochs", "3"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == exit_code, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "srun TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110 toolkit --epochs 3"
+    assert calls[1:] == (["scontrol requeue 42"] if requeued else [])
+    assert f"launcher exit status {launcher_exit}; runs/slurm-42/run.json: {status or 'unknown'}" in result.stdout
