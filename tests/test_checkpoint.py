@@ -523,6 +523,7 @@ def snapshot(*folders):
     return found
 
 
+@pytest.mark.slow
 def test_a_real_file_size_limit_is_said_as_the_disk_said_it(tmp_path):
     # torch.save reports a write error as an opaque RuntimeError: the hashing file keeps the disk's own error
     script = ("import resource, torch, sys; from pathlib import Path; from toolkit import checkpoint as c;"
@@ -540,6 +541,7 @@ def test_a_real_file_size_limit_is_said_as_the_disk_said_it(tmp_path):
 
 # --- staging folders: one per writer, and pruning spares a writer that may still be writing ---
 
+@pytest.mark.slow
 def test_staging_names_are_unique_per_writer_and_pruning_spares_live_writers(tmp_path):
     names = {checkpoint.staging_name(".tmp-", "step-00000001") for _ in range(100)}
     assert len(names) == 100

@@ -57,6 +57,7 @@ def baseline(request) -> Iterator[Path]:
         yield out
 
 
+@pytest.mark.slow
 def test_killed_four_times_then_resumed_is_bit_identical(baseline, tmp_path):
     out = tmp_path / "run"
     # global steps at which to kill: the first step, the last batch of epoch 1, the first batch of epoch 2,
@@ -96,6 +97,7 @@ def run_until(out: Path, step: int, sig: int, *extra: str) -> tuple[int, str]:
     return process.wait(timeout=300), "".join(lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_finishes_the_step_saves_and_exits(tmp_path, sig, code):
     out = tmp_path / "run"
@@ -109,6 +111,7 @@ def test_signal_finishes_the_step_saves_and_exits(tmp_path, sig, code):
     assert f"stopped at step {saved['step']}; resume with --resume auto" in text
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
     out = tmp_path / "run"
     result = run_module("toolkit.train", *RUN, "--output-dir", str(out), "--lr", "1e6", "--warmup-steps", "0")
@@ -122,6 +125,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_no_partial_folder(tmp_path):
     import resource
 
@@ -138,6 +142,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_no_partial_folder(t
     assert list((out / "checkpoints").iterdir()) == []  # the partial folder is gone
 
 
+@pytest.mark.slow
 def test_a_disk_too_small_for_the_checkpoints_kept_is_said_at_the_start(tmp_path):
     # a million checkpoints kept: no disk holds them; the run says so before its first step, and goes on
     result = run_module("toolkit.train", *RUN, "--output-dir", str(tmp_path / "run"), "--keep-last", "1000000",
@@ -148,6 +153,7 @@ def test_a_disk_too_small_for_the_checkpoints_kept_is_said_at_the_start(tmp_path
     assert result.stdout.index(warning) < result.stdout.index("epoch 1/2 step 1/")
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_a_corrupted_checkpoint(baseline, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(baseline, out)
@@ -162,6 +168,7 @@ def test_resume_auto_skips_a_corrupted_checkpoint(baseline, tmp_path):
     assert all(torch.equal(v, final_weights(baseline)[k]) for k, v in got.items())
 
 
+@pytest.mark.slow
 def test_resume_of_a_broken_checkpoint_path_is_one_line(baseline, tmp_path):
     target = tmp_path / "ck"
     shutil.copytree(baseline / "checkpoints" / f"step-{STEPS:08d}", target)
@@ -172,6 +179,7 @@ def test_resume_of_a_broken_checkpoint_path_is_one_line(baseline, tmp_path):
     assert len(lines) == 1 and "trainer_state.pt is truncated or corrupted" in lines[0]
 
 
+@pytest.mark.slow
 def test_resume_with_another_recipe_stops_with_the_difference(baseline, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(baseline, out)

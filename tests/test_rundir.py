@@ -182,6 +182,7 @@ HOLDER = ("import sys, time; from toolkit import rundir; "
           "rundir.claim(sys.argv[1], 'auto', announce=lambda m: None); print('held', flush=True); time.sleep(120)")
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_is_taken_over_saying_so(tmp_path, said):
     path = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
@@ -201,6 +202,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_saying_so(tmp_path, said)
     folder.release()
 
 
+@pytest.mark.slow
 def test_a_filesystem_without_locks_is_said_and_not_fatal(tmp_path, monkeypatch, said):
     path = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
@@ -347,6 +349,7 @@ def test_two_runs_at_once_in_two_folders_both_finish(two_runs):
         checkpoint.load(path / STEP_1)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_resuming_another_runs_checkpoint_into_a_run_is_refused_and_changes_nothing(two_runs):
     a, b = two_runs
@@ -359,6 +362,7 @@ def test_resuming_another_runs_checkpoint_into_a_run_is_refused_and_changes_noth
     assert snapshot(a, b) == before
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_another_runs_checkpoint_forks_a_new_run_that_records_it(two_runs, tmp_path):
     _, b = two_runs
@@ -371,6 +375,7 @@ def test_another_runs_checkpoint_forks_a_new_run_that_records_it(two_runs, tmp_p
     assert snapshot(b) == before
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_a_second_training_on_a_folder_in_use_is_refused_at_once(tmp_path):
     out = tmp_path / "run"
@@ -395,6 +400,7 @@ def test_a_second_training_on_a_folder_in_use_is_refused_at_once(tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000016"]
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_the_lock_of_a_killed_training_is_taken_over(tmp_path):
     out = tmp_path / "run"
@@ -409,6 +415,7 @@ def test_the_lock_of_a_killed_training_is_taken_over(tmp_path):
     assert record(out)["status"] == "finished" and not (out / "run.lock").exists()
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_a_full_disk_while_saving_is_one_line_and_the_intact_checkpoint_stays(two_runs, tmp_path):
     out = tmp_path / "run"
@@ -430,6 +437,7 @@ def test_a_full_disk_while_saving_is_one_line_and_the_intact_checkpoint_stays(tw
     assert (record(out)["status"], record(out)["message"]) == ("failed", line)
 
 
+@pytest.mark.slow
 @needs_mnist
 @pytest.mark.parametrize("where", ["is", "under"])
 def test_an_output_dir_that_is_a_file_is_one_line_and_writes_nothing(tmp_path, where):
@@ -442,6 +450,7 @@ def test_an_output_dir_that_is_a_file_is_one_line_and_writes_nothing(tmp_path, w
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_a_run_that_cannot_start_leaves_no_folder_or_says_why_in_its_own(two_runs, tmp_path):
     result = run_module("toolkit.train", *RUN, "--output-dir", str(tmp_path / "new"), "--resume",
@@ -480,6 +489,7 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file
               "--num_processes", "2", "toolkit/train.py", "--device", "cpu"]
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_under_ddp_a_refusal_is_one_line_from_the_main_process_and_no_hang(tmp_path):
     out = tmp_path / "run"
@@ -495,6 +505,7 @@ def test_under_ddp_a_refusal_is_one_line_from_the_main_process_and_no_hang(tmp_p
     holder.release()
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_sigterm_to_the_ddp_launcher_exits_1_and_run_json_says_stopped(tmp_path):
     out = tmp_path / "run"
@@ -525,6 +536,7 @@ if [ "$1" = show ]; then echo node1; echo node2; else echo "scontrol $*" >> "$LO
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status, launcher_exit, exit_code, requeued", [
     ("stopped", 1, 0, True),  # what accelerate launch returns after its workers saved and exited 143
     ("finished", 0, 0, False),
