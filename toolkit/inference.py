@@ -42,7 +42,7 @@ def load(path: Path, flags: dict[str, Any] | None = None) -> Loaded:
     verified against its marker, with finite weights, its config overridden by `flags` (config keys).
     Raises CheckpointError (exit 1) for a checkpoint that cannot be used, UsageError for a bad flag value."""
     folder, reason = checkpoint.for_inference(Path(path))
-    checkpoint.verify(folder)
+    checkpoint.verify(folder, files=(checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.STATE))  # what this reads
     try:
         config = from_dict(checkpoint.load_config(folder), source=str(folder / checkpoint.CONFIG))
     except UsageError as error:

@@ -498,14 +498,22 @@ class Trainer:
             raise UsageError(f"cannot resume {source} with {self.world_size} processes: it stopped mid-epoch "
                              f"with {state.meta.get('world_size')}; use that many, or an end-of-epoch checkpoint")
         trainer_state = state.trainer_state
+        missing = sorted({"optimizer", "scheduler", "rng", "ema_updates"} - set(trainer_state))
+        if missing:
+            raise checkpoint.CheckpointError(f"{Path(source) / checkpoint.TRAINER_STATE} lacks {', '.join(missing)}: "
+                                             f"it was not saved by this trainer")
         if self.ema:
             checkpoint.load_weights_into(self.ema.module, state.weights, Path(source) / checkpoint.WEIGHTS)
             checkpoint.load_weights_into(self.network, state.train_weights, Path(source) / checkpoint.TRAIN_WEIGHTS)
             self.ema.updates = trainer_state["ema_updates"]
         else:
             checkpoint.load_weights_into(self.network, state.weights, Path(source) / checkpoint.WEIGHTS)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        try:
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise checkpoint.CheckpointError(f"{Path(source) / checkpoint.TRAINER_STATE} does not hold this run's "
+                                             f"optimizer or schedule ({error})") from None
         if self.accelerator.scaler is not None and trainer_state.get("scaler"):
             self.accelerator.scaler.load_state_dict(trainer_state["scaler"])
         if same_world and state.meta.get("device") == self.device_kind:
