@@ -110,3 +110,35 @@ def tiny_trainer(tmp_path: Path, **overrides) -> Iterator:
             yield trainer
         finally:
             trainer.close()
+
+
+# --- the model trained once for the session (small_run), and what it answers: for predict and export ---
+
+DIGITS = 12  # MNIST test images the inference tests feed through the trained model
+
+
+@pytest.fixture(scope="session")
+def run_dir(small_run) -> Path:
+    return small_run[0]
+
+
+@pytest.fixture(scope="session")
+def digits(run_dir):
+    """The first MNIST test images, uint8 (DIGITS, 28, 28)."""
+    from toolkit.data import load_mnist
+
+    images, _ = load_mnist(mnist_root(), train=False, download=False)
+    return images[:DIGITS]
+
+
+@pytest.fixture(scope="session")
+def expected_logits(run_dir, digits):
+    """The trained model's own fp32 batch output for `digits`, (DIGITS, 10)."""
+    import torch
+
+    from toolkit import inference
+    from toolkit.data import Preprocess
+
+    loaded = inference.load(run_dir)
+    with torch.no_grad():
+        return loaded.model(Preprocess(loaded.config.image_size, loaded.config.normalize)(digits))

@@ -6,13 +6,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from toolkit import checkpoint
 from toolkit.config import TrainConfig
@@ -87,15 +85,3 @@ def full_disk_after(limit: int) -> type:
             return getattr(self.file, name)
 
     return FullDisk
-
-
-@contextmanager
-def fresh_accelerate() -> Iterator[None]:
-    """A fresh Accelerate state around a command run in the test process: it keeps one precision per process."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()

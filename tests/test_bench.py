@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from conftest import mnist_root, run_module
+from conftest import accelerate_state, mnist_root, run_module
 
 from toolkit import devices, peaks
 from toolkit.bench import cli, environment, measure, worker
@@ -43,11 +42,8 @@ def in_process(monkeypatch):
     per process) and a small matmul for the peak."""
     monkeypatch.setitem(peaks.MATMUL_SIZE, "cpu", 256)
     monkeypatch.setattr(peaks, "MATMUL_SECONDS", 0.01)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with accelerate_state():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import mnist_root, run_module, scratch_dir
-from inference_cases import fresh_accelerate, full_disk_after, one_error_line, save_checkpoint, snapshot, temporaries
+from conftest import accelerate_state, mnist_root, run_module, scratch_dir
+from inference_cases import full_disk_after, one_error_line, save_checkpoint, snapshot, temporaries
 from PIL import Image
 
 from toolkit import devices, evaluate, files, inference, plots, predict
@@ -67,7 +67,7 @@ def test_a_precision_the_device_cannot_run_is_refused_as_training_refuses_it(unt
 def test_the_checkpoints_own_precision_falls_back_to_auto_and_says_so(untrained, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(devices.LAUNCHER_PRECISION_ENV, raising=False)
     out = tmp_path / "eval.json"
-    with fresh_accelerate():
+    with accelerate_state():
         assert evaluate.main(["--checkpoint", str(untrained), "--device", "cpu", "--eval-samples", "16",
                               "--json", str(out)]) == 0
     auto = devices.native_precision("cpu")
@@ -113,7 +113,7 @@ def test_a_full_disk_while_writing_leaves_every_file_as_it_was(untrained, tmp_pa
     old.write_text("the previous results")
     before = snapshot(tmp_path)
     monkeypatch.setattr(files, "open", full_disk_after(20_000), raising=False)  # the JSON fits, a PNG does not
-    with fresh_accelerate():
+    with accelerate_state():
         line = one_error_line(capsys, evaluate.main, ["--checkpoint", str(untrained), "--device", "cpu",
                                                       "--eval-samples", "16", "--json", str(old),
                                                       "--plots", str(tmp_path / "new" / "plots")])

@@ -14,36 +14,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, mnist_root, run_module, scratch_dir
+from conftest import ROOT, run_module, scratch_dir
 from inference_cases import one_error_line, save_checkpoint, snapshot, temporaries
 from PIL import Image
 from safetensors.torch import load_file
 
 from toolkit import checkpoint, export, files, inference, predict
 from toolkit.config import TrainConfig
-from toolkit.data import Preprocess, load_mnist
+from toolkit.data import Preprocess
 from toolkit.errors import UserError
 from toolkit.model import build_model
-
-IMAGES = 12
-
-
-@pytest.fixture(scope="module")
-def run_dir(small_run) -> Path:
-    return small_run[0]
-
-
-@pytest.fixture(scope="module")
-def digits(run_dir) -> torch.Tensor:
-    images, _ = load_mnist(mnist_root(), train=False, download=False)
-    return images[:IMAGES]
-
-
-@pytest.fixture(scope="module")
-def expected_logits(run_dir, digits) -> torch.Tensor:
-    loaded = inference.load(run_dir)
-    with torch.no_grad():
-        return loaded.model(Preprocess(loaded.config.image_size, loaded.config.normalize)(digits))
 
 
 @pytest.fixture(scope="module")

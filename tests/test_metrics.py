@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, run
+from conftest import ROOT, accelerate_state, run
 
 from toolkit import metrics
 from toolkit.data import EvalBatches, Preprocess
@@ -18,11 +17,8 @@ from toolkit.data import EvalBatches, Preprocess
 @pytest.fixture
 def accelerator():
     """An Accelerator in the test process, with a fresh Accelerate state around the test."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with accelerate_state():
+        yield Accelerator(cpu=True)
 
 
 class ReadsItsAnswer(torch.nn.Module):

@@ -8,34 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mnist_root, run_module, scratch_dir
-from inference_cases import fresh_accelerate, full_disk_after, one_error_line, save_checkpoint, snapshot, temporaries
+from conftest import DIGITS, accelerate_state, run_module, scratch_dir
+from inference_cases import full_disk_after, one_error_line, save_checkpoint, snapshot, temporaries
 from PIL import Image
 
 from toolkit import checkpoint, files, inference, predict
-from toolkit.data import Preprocess, load_mnist
-
-IMAGES = 12  # MNIST test images written as PNG files
-
-
-@pytest.fixture(scope="module")
-def run_dir(small_run) -> Path:
-    return small_run[0]
-
-
-@pytest.fixture(scope="module")
-def digits(run_dir) -> torch.Tensor:
-    """The first MNIST test images, uint8 (IMAGES, 28, 28)."""
-    images, _ = load_mnist(mnist_root(), train=False, download=False)
-    return images[:IMAGES]
-
-
-@pytest.fixture(scope="module")
-def expected_logits(run_dir, digits) -> torch.Tensor:
-    """The model's own fp32 batch output for `digits`, (IMAGES, 10)."""
-    loaded = inference.load(run_dir)
-    with torch.no_grad():
-        return loaded.model(Preprocess(loaded.config.image_size, loaded.config.normalize)(digits))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +53,7 @@ def test_predict_on_png_files_matches_the_models_batch_output(run_dir, png_folde
     answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), "--device", "cpu", "--precision", "no",
                                    "--top-k", "3", str(png_folders[0]))
     assert result.returncode == 0, result.stderr
-    assert [Path(r["file"]).name for r in answers["predictions"]] == [f"{i:02d}.png" for i in range(IMAGES)]
+    assert [Path(r["file"]).name for r in answers["predictions"]] == [f"{i:02d}.png" for i in range(DIGITS)]
     assert_matches(answers["predictions"], expected_logits, top_k=3)
     assert answers["errors"] == [] and answers["precision"] == "no"
     assert "top 3" in result.stdout
@@ -135,7 +112,7 @@ def test_a_full_disk_while_writing_the_answers_leaves_no_file(untrained, tmp_pat
     Image.new("L", (28, 28)).save(image)
     out = tmp_path / "new" / "answers.json"
     monkeypatch.setattr(files, "open", full_disk_after(0), raising=False)
-    with fresh_accelerate():
+    with accelerate_state():
         line = one_error_line(capsys, predict.main, ["--checkpoint", str(untrained), "--device", "cpu", str(image),
                                                      "--json", str(out)])
     assert line == (f"toolkit.predict: error: could not write {out} (No space left on device): nothing was written; "
