@@ -105,3 +105,5 @@ def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command,
     assert text in line, line
     assert "Traceback" not in line
     assert snapshot(world["run"]) == before
+    # a training that failed before its first step leaves no run folder behind
+    assert not (world["tmp"] / "x").exists() and not (world["tmp"] / "huge").exists()

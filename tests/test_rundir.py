@@ -472,15 +472,19 @@ def test_a_run_that_cannot_start_leaves_no_folder_or_says_why_in_its_own(two_run
 
 
 @needs_mnist
-def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tmp_path, monkeypatch):
+def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     from toolkit import train
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train.Trainer, "forward_backward", out_of_memory)  # what every step calls first
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(SystemExit) as exit_info:
         train.main([*RUN, "--output-dir", str(tmp_path / "runs" / "x")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "toolkit.train: error: out of memory with --image-size 65 and --batch-size 16: lower them (CUDA out of "
+        "memory. Tried to allocate 2.00 GiB)"]
     assert list(tmp_path.iterdir()) == []
 
 
