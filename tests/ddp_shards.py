@@ -26,3 +26,4 @@ for epoch in (0, 1):
         print(f"epoch {epoch}: {accelerator.num_processes} disjoint shards of {len(shards[0])} "
               f"first {[s[:3] for s in shards]}")
 accelerator.wait_for_everyone()
+accelerator.end_training()  # destroys the process group: a live gloo group at exit can abort

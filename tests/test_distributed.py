@@ -173,3 +173,34 @@ def test_accumulation_equals_a_large_batch_on_two_processes(tmp_path):
     result = run(launch(str(ROOT / "tests" / "ddp_accumulation.py"), str(mnist_root()), str(tmp_path)), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accumulated vs large batch on 2 processes: max difference" in result.stdout
+
+
+@pytest.mark.parametrize("command, case", [
+    (["toolkit/train.py", *SMALL, "--epochs", "1"], "a --resume that is not a checkpoint"),
+    (["toolkit/train.py", *SMALL, "--epochs", "1"], "no MNIST"),
+    (["-m", "toolkit.evaluate", "--device", "cpu"], "no MNIST"),
+])
+def test_a_refusal_met_by_one_process_stops_every_process_with_one_line(tmp_path, command, case):
+    # The main process decides what to resume from, and each machine's first process reads the data before the
+    # others: whatever one of them refuses, the others learn and stop with it, instead of dying in a collective
+    # with a traceback (or aborting at exit with the process group still open).
+    extra, env = [], {}
+    if case == "no MNIST":
+        env = {"TOOLKIT_DATA_DIR": str(tmp_path / "no-data")}
+    if "toolkit.evaluate" in command:
+        trained = tmp_path / "trained"
+        made = run_module("toolkit.train", *SMALL, "--max-steps", "1", "--eval-samples", "16",
+                          "--output-dir", str(trained))
+        assert made.returncode == 0, made.stderr
+        extra = ["--checkpoint", str(trained)]
+    else:
+        extra = ["--output-dir", str(tmp_path / "run")]
+        if case.startswith("a --resume"):
+            extra += ["--resume", str(tmp_path / "nothing")]
+    result = run(launch(*command, *extra), timeout=300, env=env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("toolkit.") and ": error" in line]
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert ("not a checkpoint" if case.startswith("a --resume") else "MNIST not found") in errors[0]
+    assert "[rank" not in result.stderr and "terminate called" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()  # a run that could not start leaves no folder

@@ -58,7 +58,7 @@ HOST = socket.gethostname()
 
 
 class CheckpointError(UserError):
-    pass
+    same_on_every_machine = True
 
 
 @dataclass

@@ -31,7 +31,7 @@ DATA_DIR_ENV = "TOOLKIT_DATA_DIR"
 
 
 class DataError(UserError):
-    pass
+    same_on_every_machine = True
 
 
 def resolve_data_dir(data_dir: str = "") -> Path:

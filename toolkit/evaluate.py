@@ -11,6 +11,7 @@ writes the pictures training logs to TensorBoard: DIR/confusion.png and DIR/misc
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from rich.table import Table
 from toolkit import inference, plots
 from toolkit.config import build_parser
 from toolkit.data import EvalBatches, first, load_mnist, resolve_data_dir
-from toolkit.errors import exit_on_user_error
+from toolkit.errors import exit_on_user_error, main_first
 from toolkit.files import Outputs
 from toolkit.metrics import EvalResult, evaluate
 from toolkit.model import NUM_CLASSES
@@ -34,7 +35,7 @@ PLOT_FILES = {"eval/confusion": "confusion.png", "eval/misclassified": "misclass
 
 
 def main(argv: list[str] | None = None) -> int:
-    with exit_on_user_error("toolkit.evaluate"), Outputs() as outputs:
+    with exit_on_user_error("toolkit.evaluate"), Outputs() as outputs, contextlib.ExitStack() as finish:
         parser = build_parser("python -m toolkit.evaluate", __doc__.splitlines()[0], keys=INFERENCE_KEYS)
         parser.epilog = (f"{inference.PRECISION_RULE} Output files are checked before the evaluation; missing "
                          f"folders are created (and removed again if the command fails).")
@@ -56,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         inference.refuse_overwriting(outputs, loaded, inference.mnist_files(config.data_dir))
         outputs.make_ready()
         run = inference.runtime(config, loaded.meta, args.get("precision"))
+        finish.callback(run.accelerator.end_training)  # also on failure: the process group ends cleanly
         accelerator = run.accelerator
         console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
 
-        with accelerator.main_process_first():
-            images, labels = first(*load_mnist(resolve_data_dir(config.data_dir), train=False,
-                                               download=config.download), config.eval_samples)
+        root = resolve_data_dir(config.data_dir)
+        images, labels = first(*main_first(accelerator, lambda: load_mnist(root, train=False,
+                                                                           download=config.download)),
+                               config.eval_samples)
         model, preprocess = inference.on_device(loaded.model, config, accelerator)
         batches = EvalBatches(images.to(accelerator.device), labels.to(accelerator.device), config.eval_batch_size,
                               preprocess, accelerator.process_index, accelerator.num_processes)
@@ -80,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             outputs.write(contents)
             if plots_dir:
                 console.print(f"plots: {escape(', '.join(str(plots_dir / name) for name in PLOT_FILES.values()))}")
-        accelerator.end_training()
     return 0
 
 

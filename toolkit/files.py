@@ -16,6 +16,8 @@ from toolkit.errors import UsageError, UserError
 class OutputError(UserError):
     """A file could not be written (a full disk, a quota): nothing was written, the old files are intact."""
 
+    same_on_every_machine = True
+
 
 def fsync(path: Path) -> None:
     """Flush a file's or a folder's contents (a folder: its entries, so a rename survives a power cut)."""

@@ -11,6 +11,7 @@ code is 1; the others still get their answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def report(console: Console, records: list[dict[str, Any]], top_k: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with exit_on_user_error(PROG), Outputs() as outputs:
+    with exit_on_user_error(PROG), Outputs() as outputs, contextlib.ExitStack() as finish:
         parser = build_parser("python -m toolkit.predict", __doc__.splitlines()[0], keys=PREDICT_KEYS)
         parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
         parser.add_argument("images", nargs="+", metavar="IMAGE", help="image file, or folder of image files")
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         inference.refuse_overwriting(outputs, loaded, files)
         outputs.make_ready()
         run = inference.runtime(loaded.config, loaded.meta, args.get("precision"))
+        finish.callback(run.accelerator.end_training)  # also on failure: the process group ends cleanly
         if run.accelerator.num_processes > 1:
             raise UsageError("predict runs as one process: use python -m toolkit.predict, not accelerate launch")
         console = Console(highlight=False, soft_wrap=True)  # a line stays one line in logs and pipes
@@ -116,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint": str(loaded.folder), "chosen_because": loaded.reason, "device": run.device,
                 "precision": run.precision, "invert": invert, "predictions": records,
                 "errors": [{"file": str(path), "error": error} for path, error in errors]}, indent=1) + "\n"})
-        run.accelerator.end_training()
     return 1 if errors else 0
 
 

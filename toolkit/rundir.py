@@ -34,9 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
-from toolkit.errors import UsageError, UserError
+from toolkit.errors import UsageError, UserError, decided_on_main
 from toolkit.files import write_atomic
 
 LOCK = "run.lock"
@@ -169,29 +167,16 @@ def release_held(error: BaseException) -> None:
 def claim(output_dir: str, resume: str, main_process: bool = True, announce: Announce = print) -> RunFolder:
     """The run folder for a run with `--output-dir output_dir` ('' = a new `runs/<timestamp>`) and `--resume
     resume`. Every process calls it: the main process checks and takes the folder, and the others learn its
-    path, or its refusal (then every process raises RunFolderError; only the main process reports it)."""
-    outcome: list[Any] = [None, None, 0]  # the folder's path, or the refusal and its exit status
-    folder = None
-    try:
-        if main_process:
-            folder = take(output_dir, resume, announce)
-            outcome[0] = str(folder.path)
-    except BaseException as error:
-        outcome[1:] = [str(error), error.exit_code] if isinstance(error, UserError) else [one_line(error), 1]
-        share(outcome)
-        raise
-    share(outcome)
-    if outcome[1] is not None:
-        refusal = RunFolderError(outcome[1])
-        refusal.exit_code = outcome[2]
-        raise refusal
-    return folder or RunFolder(Path(outcome[0]), owner=False, announce=announce)
+    path, or its refusal (then every process fails with it; only the main process reports it)."""
+    folder: RunFolder | None = None
 
+    def take_on_main() -> str:
+        nonlocal folder
+        folder = take(output_dir, resume, announce)
+        return str(folder.path)
 
-def share(values: list[Any]) -> None:
-    """The main process's `values`, on every process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(values, src=0)
+    path = decided_on_main(take_on_main, main_process)
+    return folder or RunFolder(Path(path), owner=False, announce=announce)
 
 
 def take(output_dir: str, resume: str, announce: Announce) -> RunFolder:

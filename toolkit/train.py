@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 
 from toolkit import checkpoint, devices, plots, rundir, tracking
 from toolkit.averaging import WeightAverage
@@ -39,7 +39,7 @@ from toolkit.config import (
 )
 from toolkit.console import TrainConsole
 from toolkit.data import EvalBatches, Preprocess, TrainBatches, first, load_mnist, resolve_data_dir
-from toolkit.errors import UsageError, exit_on_user_error
+from toolkit.errors import UsageError, decided_on_main, exit_on_user_error, main_first
 from toolkit.files import write_atomic
 from toolkit.metrics import EvalResult, evaluate
 from toolkit.model import build_model, count_parameters
@@ -76,9 +76,8 @@ class Trainer:
 
         # --- data: uint8 on the device; one process per machine reads (or downloads) first ---
         root = resolve_data_dir(config.data_dir)
-        with acc.local_main_process_first():
-            train_split = load_mnist(root, train=True, download=config.download)
-            eval_split = load_mnist(root, train=False, download=config.download)
+        train_split, eval_split = main_first(acc, lambda: (load_mnist(root, train=True, download=config.download),
+                                                           load_mnist(root, train=False, download=config.download)))
         train_split, eval_split = split_for_evaluation(train_split, eval_split, config.validation_samples)
         train_split = first(*train_split, config.train_samples)
         eval_split = first(*eval_split, config.eval_samples)
@@ -549,16 +548,18 @@ class Trainer:
         """Load the checkpoint `resume` names (auto: the newest complete one that loads): the main process chooses
         (and has loaded it in choosing), the others load the one it chose."""
         chosen: Checkpoint | None = None
-        path: list[Any] = [None]
-        if self.accelerator.is_main_process:
+
+        def choose() -> str | None:
+            nonlocal chosen
             chosen = checkpoint.choose_for_resume(self.checkpoints_dir, self.config.resume, self.console.print)
-            path[0] = str(chosen.path) if chosen else None
-        broadcast_object_list(path)
-        if path[0] is None:
+            return str(chosen.path) if chosen else None
+
+        path = decided_on_main(choose, self.accelerator.is_main_process)
+        if path is None:
             return None
-        self.load_state_dict(chosen or checkpoint.load(Path(path[0])))
+        self.load_state_dict(chosen or checkpoint.load(Path(path)))
         self.run_folder.starts_at(self.progress.step)
-        return Path(path[0])
+        return Path(path)
 
     # ------------------------------------------------------------------ helpers
     def _slowest(self, seconds: float) -> float:
@@ -644,7 +645,6 @@ class Trainer:
             self.stop.close()
         self.run_folder.release()
         self.accelerator.end_training()
-
 
 
 MILESTONES = (0.98, 0.99, 0.995)  # accuracies whose time and images the run notes, reached or not
