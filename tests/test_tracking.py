@@ -63,3 +63,26 @@ def test_jsonl_is_rewritten_to_the_checkpoints_records_then_appended(tmp_path):
     sink.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1},
                                                                              {"step": 2, "eval_accuracy": 0.5}]
+
+
+def test_mlflow_gets_the_config_and_metrics_in_the_run_folder(tmp_path, monkeypatch):
+    # a non-default tracker for real (mlflow-skinny is in the test extras): an offline store in the run folder
+    pytest.importorskip("mlflow", reason="the test extras install mlflow-skinny: pip install -e '.[test]'")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with accelerate_state():
+        trackers = tracking.Trackers(Accelerator(cpu=True), ["tensorboard", "mlflow"], tmp_path, purge_step=None)
+        trackers.log_config("lr: 0.1\n", {"lr": 0.1, "output_dir": ""})
+        for step in (1, 2):
+            trackers.log({"train/loss": 1.0 / step, "eval/accuracy": 0.5 * step}, step)
+        trackers.log_images({"eval/confusion": np.zeros((8, 8, 3), dtype=np.uint8)}, step=2)  # TensorBoard only
+        trackers.accelerator.end_training()
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(tracking.PROJECT).experiment_id])
+    assert run.data.params == {"lr": "0.1", "output_dir": "-"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 1.0),
+                                                                                                     (2, 0.5)]
+    assert run.data.metrics["eval/accuracy"] == 1.0
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # beside it, unchanged

@@ -47,8 +47,11 @@ def _tracker(name: str, run_dir: Path, purge_step: int | None) -> Any:
     if name == "wandb":
         return tracking.WandBTracker(PROJECT, name=run_name, dir=str(run_dir))
     if name == "mlflow":
-        # a local store in the run folder unless the user points MLflow elsewhere
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+        # a local store in the run folder unless the user points MLflow elsewhere (a server, a database);
+        # MLflow 3 refuses a folder store unless it is allowed
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            os.environ["MLFLOW_TRACKING_URI"] = (run_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         return tracking.MLflowTracker(PROJECT, run_name=run_name)
     if name == "aim":
         return tracking.AimTracker(run_name, run_dir)
