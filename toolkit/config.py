@@ -148,8 +148,8 @@ class TrainConfig:
     label_smoothing: float = _option(0.0, "cross-entropy label smoothing", minimum=0, below=1)
     grad_clip: float = _option(0.0, "clip the global gradient norm at this value (0 = off)", minimum=0)
     ema_decay: float = _option(0.999, "evaluate and save an exponential moving average of the weights with this "
-                                      "decay per step (0 = the weights themselves, as the reference)", minimum=0,
-                              below=1)
+                                      "decay per step, reached after a warm-up of about 9 / (1 - decay) steps "
+                                      "(0 = the weights themselves, as the reference)", minimum=0, below=1)
     # --- evaluation and stopping ---
     eval_every_steps: int = _option(0, "evaluate every N optimizer steps (0 = once per epoch, at its end)",
                                     minimum=0)
