@@ -20,21 +20,25 @@ EXACT = {"dropout": 0.0, "shift_px": 0.0, "ema_decay": 0.0, "precision": "no"}
 
 
 @pytest.mark.slow
-def test_accumulated_micro_batches_equal_one_large_batch(tmp_path):
-    """80 images: batch 32 gives steps of 32, 32 and 16 images; batch 16 with 2 micro-batches per step gives the
-    same groups (the last step has one micro-batch). SGD with momentum is linear in the gradient, so the weights
-    agree to float rounding: within 1e-6 (measured 9e-8, after the weights moved by up to 0.37). AdamW divides by
-    the gradient's running scale, which turns rounding on near-zero gradients into differences near its lr."""
+@pytest.mark.parametrize("large, accumulate", [(32, 2), (64, 4)])
+def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, large, accumulate):
+    """80 images: batch 32 gives steps of 32, 32 and 16 images (batch 64: 64 and 16); batch 16 with 2 (4)
+    micro-batches per step gives the same groups (the last step has one micro-batch). SGD with momentum is linear
+    in the gradient, so the weights agree to float rounding: within 1e-6 (measured 9e-8, after the weights moved
+    by up to 0.37). AdamW divides by the gradient's running scale, which turns rounding on near-zero gradients
+    into differences near its lr."""
     settings = {**EXACT, "optimizer": "sgd", "lr": 0.01, "train_samples": 80}
-    with tiny_trainer(tmp_path / "one", batch_size=32, **settings) as one:
+    steps = -(-80 // large)
+    with tiny_trainer(tmp_path / "one", batch_size=large, **settings) as one:
         initial = {k: v.clone() for k, v in one.network.state_dict().items()}
-        one.train_steps(3)
+        one.train_steps(steps)
         expected = {k: v.clone() for k, v in one.network.state_dict().items()}
-        assert (one.progress.step, one.progress.batch) == (3, 3)
-    with tiny_trainer(tmp_path / "accumulated", batch_size=16, grad_accum_steps=2, **settings) as accumulated:
-        assert accumulated.steps_per_epoch == 3
-        accumulated.train_steps(3)
-        assert (accumulated.progress.step, accumulated.progress.batch) == (3, 5)
+        assert (one.progress.step, one.progress.batch) == (steps, steps)
+    with tiny_trainer(tmp_path / "accumulated", batch_size=16, grad_accum_steps=accumulate,
+                      **settings) as accumulated:
+        assert accumulated.steps_per_epoch == steps
+        accumulated.train_steps(steps)
+        assert (accumulated.progress.step, accumulated.progress.batch) == (steps, 5)
         got = accumulated.network.state_dict()
     assert max(float((expected[k] - initial[k]).abs().max()) for k in expected) > 0.1  # the weights did move
     for key, value in expected.items():
