@@ -180,7 +180,7 @@ def test_accumulation_equals_a_large_batch_on_two_processes(tmp_path):
     (["toolkit/train.py", *SMALL, "--epochs", "1"], "no MNIST"),
     (["-m", "toolkit.evaluate", "--device", "cpu"], "no MNIST"),
 ])
-def test_a_refusal_met_by_one_process_stops_every_process_with_one_line(tmp_path, command, case):
+def test_a_refusal_met_by_one_process_stops_every_process_with_one_line(two_process_run, tmp_path, command, case):
     # The main process decides what to resume from, and each machine's first process reads the data before the
     # others: whatever one of them refuses, the others learn and stop with it, instead of dying in a collective
     # with a traceback (or aborting at exit with the process group still open).
@@ -188,11 +188,7 @@ def test_a_refusal_met_by_one_process_stops_every_process_with_one_line(tmp_path
     if case == "no MNIST":
         env = {"TOOLKIT_DATA_DIR": str(tmp_path / "no-data")}
     if "toolkit.evaluate" in command:
-        trained = tmp_path / "trained"
-        made = run_module("toolkit.train", *SMALL, "--max-steps", "1", "--eval-samples", "16",
-                          "--output-dir", str(trained))
-        assert made.returncode == 0, made.stderr
-        extra = ["--checkpoint", str(trained)]
+        extra = ["--checkpoint", str(two_process_run[0])]
     else:
         extra = ["--output-dir", str(tmp_path / "run")]
         if case.startswith("a --resume"):

@@ -48,9 +48,10 @@ def test_launcher_passes_on_the_one_line_error():
 @pytest.mark.slow
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST is not on this machine: set TOOLKIT_DATA_DIR to a "
                                                  "folder holding MNIST/raw/")
-def test_one_cpu_process_through_launch_cpu_yaml(tmp_path):
+def test_one_cpu_process_through_launch_cpu_yaml_as_a_module(tmp_path):
+    # `accelerate launch -m toolkit.train`; the script form, toolkit/train.py, is what test_distributed launches
     result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ROOT / "launch" / "cpu.yaml"), "toolkit/train.py", "--device", "cpu", "--image-size", "65",
+                  str(ROOT / "launch" / "cpu.yaml"), "-m", "toolkit.train", "--device", "cpu", "--image-size", "65",
                   "--max-steps", "2", "--batch-size", "8", "--eval-samples", "50", "--log-every-steps", "1",
                   "--output-dir", str(tmp_path / "run")], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

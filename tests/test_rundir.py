@@ -339,6 +339,7 @@ def two_runs(tmp_path_factory):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_two_runs_at_once_in_two_folders_both_finish(two_runs):
     for path in two_runs:
