@@ -96,6 +96,7 @@ def bad_outputs(tmp_path: Path, folder: Path) -> dict[str, tuple[str, str, str]]
     }
 
 
+@pytest.mark.slow  # full-size checkpoints read and checked several times: seconds
 def test_bad_output_paths_are_one_line_exit_2_and_touch_nothing(untrained, tmp_path, capsys):
     cases = bad_outputs(tmp_path, untrained)
     watched = [tmp_path, untrained.parent.parent, inference.mnist_files("")[2]]

@@ -94,6 +94,7 @@ def test_a_nan_from_the_exported_model_fails_the_check(untrained, monkeypatch):
     assert "50 logits not finite" in result.summary() and result.summary().endswith("FAILED")
 
 
+@pytest.mark.slow  # full-size checkpoints read and checked several times: seconds
 def test_a_model_with_nan_weights_fails_the_check_and_nothing_is_written(untrained, tmp_path, capsys, monkeypatch):
     weights = load_file(untrained / "model.safetensors")
     weights["classifier.7.bias"][3] = float("nan")
@@ -111,6 +112,7 @@ def test_a_model_with_nan_weights_fails_the_check_and_nothing_is_written(untrain
 
 # --- outputs that never hurt a user's files ---
 
+@pytest.mark.slow  # full-size checkpoints read and checked several times: seconds
 def test_an_output_that_would_hurt_a_file_is_one_line_exit_2(untrained, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "served").mkdir()

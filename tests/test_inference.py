@@ -38,6 +38,7 @@ def test_load_gives_the_saved_model_with_the_checkpoint_config_and_the_flags(run
     assert inference.load(run_folder).reason == "latest in the run"  # no best recorded: the latest
 
 
+@pytest.mark.slow  # full-size checkpoints read and checked several times: seconds
 def test_weights_that_are_not_finite_are_refused_by_every_command(tmp_path, capsys):
     weights = load_file(save_checkpoint(tmp_path / "good") / "model.safetensors")
     weights["features.0.weight"].view(-1)[:3] = float("nan")

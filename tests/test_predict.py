@@ -91,6 +91,7 @@ def test_bad_image_files_are_listed_and_the_good_ones_still_answered(run_dir, pn
     assert answers["precision"] == checkpoint.load_meta(inference.load(run_dir).folder)["precision"]
 
 
+@pytest.mark.slow  # full-size checkpoints read and checked several times: seconds
 def test_a_json_path_that_would_hurt_a_file_is_one_line_exit_2(untrained, tmp_path, capsys):
     image = tmp_path / "digit.png"
     Image.new("L", (28, 28)).save(image)
