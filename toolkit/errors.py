@@ -46,6 +46,11 @@ def exit_on_user_error(prog: str = "toolkit") -> Iterator[None]:
         raise SystemExit(error.exit_code) from None
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several in a process group (then collectives are needed to agree)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def decided_on_main(decide: Callable[[], T], main_process: bool) -> T:
     """`decide()` run on the main process, its answer (which must pickle) shared with every process.
 
@@ -61,7 +66,7 @@ def decided_on_main(decide: Callable[[], T], main_process: bool) -> T:
             failure = error
             outcome[1:] = ([str(error), error.exit_code] if isinstance(error, UserError)
                            else [f"{type(error).__name__} on the main process: {error}", 1])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         dist.broadcast_object_list(outcome, src=0)
     if failure is not None:
         raise failure
@@ -77,7 +82,7 @@ def raise_together(error: UserError | None) -> None:
     goes on to a collective its peers have left. An error that is the main process's own is reported once, by
     the main process; an error only some processes met, by each of them."""
     messages = [str(error) if error else None]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         messages = [None] * dist.get_world_size()
         dist.all_gather_object(messages, str(error) if error else None)
     if error is not None:

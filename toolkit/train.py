@@ -113,6 +113,8 @@ class Trainer:
         # gradient scaler does that itself (and sets the flag for each step).
         self._skip_on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and acc.scaler is None
         self.ema = WeightAverage(self.network, config.ema_decay) if config.ema_decay else None
+        self.checkpoint_bytes = checkpoint.expected_bytes(self.network, config.optimizer, config.momentum,
+                                                          averaged=self.ema is not None)
         set_seed(config.seed + self.rank)  # each process its own dropout and augmentation stream
 
         # --- state: what checkpoints hold, and this session's counters ---
@@ -154,9 +156,7 @@ class Trainer:
         self.console.header(facts, config.to_dict())
         self.trackers.log_text("run", "\n".join(f"{k}: {v}" for k, v in facts.items()))
         if acc.is_main_process:  # now, not when the first save fails an epoch in
-            size = checkpoint.expected_bytes(self.network, config.optimizer, config.momentum,
-                                             averaged=self.ema is not None)
-            for warning in (checkpoint.disk_warning(self.checkpoints_dir, size, config.keep_last),
+            for warning in (checkpoint.disk_warning(self.checkpoints_dir, self.checkpoint_bytes, config.keep_last),
                             warmup_warning(config.warmup_steps, total_steps)):
                 if warning:
                     self.console.print(warning)
@@ -341,9 +341,7 @@ class Trainer:
 
     def _save_estimate(self) -> float:
         """Seconds a checkpoint takes, before one was timed: its size at a slow disk's 100 MB/s, plus a second."""
-        size = checkpoint.expected_bytes(self.network, self.config.optimizer, self.config.momentum,
-                                         averaged=self.ema is not None)
-        return 1 + size / 100e6
+        return 1 + self.checkpoint_bytes / 100e6
 
     def _log(self) -> None:
         """At a log step: the loss and speed of all processes since the last log, on the console and in the
@@ -386,6 +384,10 @@ class Trainer:
         self.clock_started = self.window_started = time.perf_counter()
         self.timer.restart()
 
+    def _wall_seconds(self) -> float:
+        """The run's wall time so far: earlier sessions' and this one's."""
+        return self.wall_seconds_before + time.perf_counter() - self.session_started
+
     def _epoch_step(self) -> int:
         """Optimizer steps done in this epoch."""
         return -(-self.progress.batch // self.config.grad_accum_steps)
@@ -397,7 +399,7 @@ class Trainer:
         progress, config = self.progress, self.config
         result = self.evaluate()
         self.last_evaluated_step = progress.step
-        progress.wall_seconds = self.wall_seconds_before + time.perf_counter() - self.session_started
+        progress.wall_seconds = self._wall_seconds()
         record = {"epoch": progress.epoch + 1, "step": progress.step,
                   "train_loss": progress.epoch_loss_sum / max(progress.epoch_images, 1),
                   "eval_loss": result.loss, "eval_accuracy": result.accuracy, "eval_correct": result.correct,
@@ -414,7 +416,7 @@ class Trainer:
             progress.evaluations_since_best = 0
         else:
             progress.evaluations_since_best += 1
-        for threshold in (*MILESTONES, config.target_accuracy or 2.0):
+        for threshold in self._milestones():
             if result.accuracy >= threshold and f"{threshold:g}" not in progress.reached:
                 progress.reached[f"{threshold:g}"] = {k: record[k] for k in ("step", "images_seen", "train_seconds",
                                                                               "wall_seconds")}
@@ -434,6 +436,10 @@ class Trainer:
         if self.jsonl:
             self.jsonl.log(record)
         self.console.evaluated(record)
+
+    def _milestones(self) -> tuple[float, ...]:
+        """The accuracies whose time and images the run notes: MILESTONES, and the target if there is one."""
+        return MILESTONES + ((self.config.target_accuracy,) if self.config.target_accuracy else ())
 
     def _close_epoch(self) -> None:
         progress = self.progress
@@ -470,7 +476,7 @@ class Trainer:
     def state_dict(self) -> Checkpoint:
         """The whole state of the run, for a checkpoint. Every process calls it: each contributes its random
         state."""
-        self.progress.wall_seconds = self.wall_seconds_before + time.perf_counter() - self.session_started
+        self.progress.wall_seconds = self._wall_seconds()
         rng = gather_object([{"python": random.getstate(), "torch": devices.rng_state(self.accelerator.device)}])
         scaler = self.accelerator.scaler
         return Checkpoint(
@@ -619,13 +625,13 @@ class Trainer:
 
     def _summary(self) -> dict[str, str]:
         progress = self.progress
-        wall = self.wall_seconds_before + time.perf_counter() - self.session_started
+        wall = self._wall_seconds()
         rows = {}
         if progress.best_step >= 0:
             best = checkpoint.step_dir(self.checkpoints_dir, progress.best_step)
             rows["best eval accuracy"] = (f"{progress.best_accuracy:.2%} at step {progress.best_step}"
                                           + (f" ({best})" if checkpoint.is_complete(best) else ""))
-        for threshold in MILESTONES + ((self.config.target_accuracy,) if self.config.target_accuracy else ()):
+        for threshold in self._milestones():
             reached = progress.reached.get(f"{threshold:g}")
             if reached:
                 rows[f"time to {threshold:.1%}"] = (f"{reached['train_seconds']:.1f} s training, "
