@@ -38,7 +38,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from toolkit.errors import UserError
+from toolkit.errors import UserError, one_line
 from toolkit.files import fsync
 from toolkit.rundir import process_exists
 
@@ -248,7 +248,7 @@ def write_error(directory: Path, final: Path, state: Checkpoint, error: Exceptio
         kept = []
     then = f"continue from {kept[0].name}, which is intact, with --resume auto" if kept else "run again"
     number = error_number(error)
-    reason = os.strerror(number) if number else first_line(error)
+    reason = os.strerror(number) if number else one_line(error)
     start = f"could not write checkpoint {final.name} in {directory} ({reason})"
     if number in (errno.ENOSPC, errno.EDQUOT):
         megabytes = tensor_bytes([state.weights, state.train_weights, state.trainer_state]) / 1e6
@@ -265,11 +265,6 @@ def error_number(error: BaseException) -> int | None:
         return error.errno
     found = re.search(r"\(os error (\d+)\)", str(error))
     return int(found.group(1)) if found else None
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def tensor_bytes(value: Any) -> int:

@@ -32,6 +32,12 @@ class UsageError(UserError):
     same_on_every_rank = True
 
 
+def one_line(error: BaseException) -> str:
+    """An unexpected error as one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str = "toolkit") -> Iterator[None]:
     """Turn a UserError into `prog: error: ...` on stderr and its exit code."""

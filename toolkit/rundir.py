@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import UsageError, UserError, decided_on_main
+from toolkit.errors import UsageError, UserError, decided_on_main, one_line
 from toolkit.files import write_atomic
 
 LOCK = "run.lock"
@@ -437,7 +437,3 @@ def remove_entries(path: Path, keep: set[str]) -> None:
 def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
-
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
