@@ -18,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_SEED = ROOT.parent / "shared" / "reference" / "seed"
 
 
+def pytest_report_header(config) -> list[str]:
+    """The versions the suite ran with, first in every run's output: a release of a dependency can change what a
+    test sees without a commit of ours (pyproject.toml allows ranges)."""
+    from importlib.metadata import version
+
+    names = ("torch", "torchvision", "accelerate", "safetensors", "tensorboard", "rich")
+    return ["toolkit dependencies: " + ", ".join(f"{name} {version(name)}" for name in names),
+            f"MNIST: {mnist_root() or 'not found (the tests that need it skip, saying so)'}"]
+
+
 def mnist_root() -> Path | None:
     root = resolve_data_dir()
     if mnist_present(root):

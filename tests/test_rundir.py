@@ -512,7 +512,7 @@ def test_under_ddp_a_refusal_is_one_line_from_the_main_process_and_no_hang(tmp_p
 
 @pytest.mark.slow
 @needs_mnist
-def test_sigterm_to_the_ddp_launcher_exits_1_and_run_json_says_stopped(tmp_path):
+def test_sigterm_to_the_ddp_launcher_exits_143_and_run_json_says_stopped(tmp_path):
     out = tmp_path / "run"
     launcher = subprocess.Popen([*ACCELERATE, *RUN, *LONG, "--log-every-steps", "2", "--output-dir", str(out)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -520,7 +520,9 @@ def test_sigterm_to_the_ddp_launcher_exits_1_and_run_json_says_stopped(tmp_path)
     wait_for(launcher, "step 2/8")
     launcher.send_signal(signal.SIGTERM)  # the launcher alone: it passes the signal on to its workers
     output = launcher.communicate(timeout=180)[0]
-    assert launcher.returncode == 1, output  # not 143: what the launcher returns says nothing of the run
+    # accelerate >= 1.16 (pyproject.toml): the launcher passes the signal on, its workers save and exit, and it
+    # returns 128 + the signal's number
+    assert launcher.returncode == 143, output
     saved = record(out)
     assert (saved["status"], saved["reason"]) == ("stopped", "SIGTERM"), output
     assert saved["resume"] == f"--resume auto --output-dir {out}"
