@@ -108,18 +108,14 @@ TINY = {"image_size": 65, "train_samples": 256, "eval_samples": 100, "batch_size
 def tiny_trainer(tmp_path: Path, **overrides) -> Iterator:
     """A Trainer built in this process on TINY settings (and `overrides`), writing into tmp_path/run; closed after."""
     from toolkit.config import TrainConfig
-    from toolkit.train import Trainer
+    from toolkit.train import training_run
 
     root = mnist_root()
     if root is None:
         pytest.skip("MNIST is not on this machine: set TOOLKIT_DATA_DIR to a folder holding MNIST/raw/")
     config = TrainConfig(**{**TINY, "data_dir": str(root), "output_dir": str(tmp_path / "run"), **overrides})
-    with accelerate_state():
-        trainer = Trainer(config, quiet=True)
-        try:
-            yield trainer
-        finally:
-            trainer.close()
+    with accelerate_state(), training_run(config, quiet=True) as trainer:
+        yield trainer
 
 
 # --- the model trained once for the session (small_run), and what it answers: for predict and export ---

@@ -65,9 +65,10 @@ CASES = [
     ("time limit not a duration", train, ["--time-limit", "5x"], 2, "time_limit: '5x' is not a duration"),
     ("profile range backwards", train, ["--profile-steps", "5:2"], 2, "profile_steps: the first step must not"),
     ("tracker not installed", train, ["--log-with", "clearml"], 2, "pip install clearml"),
-    ("image size out of memory", train, ["--image-size", "60000", "--train-samples", "64", "--eval-samples", "50",
-                                         "--output-dir", "{tmp}/huge"], 1,
-     "out of memory with --image-size 60000 and --batch-size 128"),
+    # a first batch of 275 GB: the allocator refuses it at once
+    ("image size out of memory", train, ["--image-size", "4096", "--batch-size", "4096", "--train-samples", "8192",
+                                         "--eval-samples", "50", "--output-dir", "{tmp}/huge"], 1,
+     "out of memory with --image-size 4096 and --batch-size 4096"),
     ("MNIST magic number", train, ["--data-dir", "{mnist:magic}", "--output-dir", "{tmp}/x"], 1, "magic"),
     ("MNIST 0-byte file", train, ["--data-dir", "{mnist:empty}", "--output-dir", "{tmp}/x"], 1, "empty"),
     ("MNIST label 10", train, ["--data-dir", "{mnist:label 10}", "--output-dir", "{tmp}/x"], 1, "label"),

@@ -164,7 +164,7 @@ def test_flags_arrive_typed_and_in_order():
 
 
 def test_out_of_memory_marks_the_row_and_the_sweep_goes_on(monkeypatch, in_process):
-    from toolkit.train import Trainer
+    from toolkit.trainer import Trainer
 
     real_train_step = Trainer.train_step
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from toolkit import checkpoint
+from toolkit import checkpoint, saver
 from toolkit.checkpoint import Checkpoint, CheckpointError, TrainProgress
 
 
@@ -119,7 +119,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
 def test_retention_deletes_only_after_the_new_checkpoint_is_complete(tmp_path, monkeypatch):
     for step in (1, 2, 3):
         tiny_save(tmp_path, step)
-        checkpoint.prune(tmp_path, keep_last=2, keep=checkpoint.step_dir(tmp_path, 1))
+        saver.prune(tmp_path, keep_last=2, keep=checkpoint.step_dir(tmp_path, 1))
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
         "step-00000001", "step-00000002", "step-00000003"]  # 1 is the best: kept apart from the last 2
 
@@ -141,7 +141,7 @@ def test_retention_deletes_only_after_the_new_checkpoint_is_complete(tmp_path, m
     checkpoint.load(checkpoint.latest(tmp_path)[0])
 
     tiny_save(tmp_path, 5)
-    checkpoint.prune(tmp_path, keep_last=2, keep=checkpoint.step_dir(tmp_path, 1))
+    saver.prune(tmp_path, keep_last=2, keep=checkpoint.step_dir(tmp_path, 1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003", "step-00000005"]
 
 
@@ -187,7 +187,7 @@ def test_expected_bytes_is_the_size_a_checkpoint_takes(tmp_path, optimizer, mome
     path = checkpoint.save(tmp_path, state(model.state_dict(), {"optimizer": opt.state_dict()},
                                            train_weights=model.state_dict() if averaged else None, step=1))
     actual = sum(f.stat().st_size for f in path.iterdir())
-    expected = checkpoint.expected_bytes(model, optimizer, momentum, averaged)
+    expected = saver.expected_bytes(model, optimizer, momentum, averaged)
     assert expected <= actual <= expected * 1.02 + 32_000  # the tensors, plus headers and small files
 
 
@@ -196,12 +196,12 @@ def test_disk_warning_counts_what_the_run_keeps(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
     directory = tmp_path / "run" / "checkpoints"  # not there yet: the disk under it counts
     free["bytes"] = 3_999
-    assert "need about 0.00 GB" in checkpoint.disk_warning(directory, per_checkpoint=1_000, keep_last=2)
+    assert "need about 0.00 GB" in saver.disk_warning(directory, per_checkpoint=1_000, keep_last=2)
     free["bytes"] = 4_000  # 2 kept + the best + the one being written
-    assert checkpoint.disk_warning(directory, per_checkpoint=1_000, keep_last=2) is None
+    assert saver.disk_warning(directory, per_checkpoint=1_000, keep_last=2) is None
     big = 2 * 10**9
     free["bytes"] = 3 * big
-    message = checkpoint.disk_warning(directory, per_checkpoint=big, keep_last=2)
+    message = saver.disk_warning(directory, per_checkpoint=big, keep_last=2)
     assert message == ("warning: 6.00 GB free for " + str(directory) + ", and checkpoints need about 8.00 GB more "
                        "(2 kept, the best, and the one being written, 2.00 GB each): free space or lower "
                        "--keep-last, or a save may fail")
@@ -209,11 +209,11 @@ def test_disk_warning_counts_what_the_run_keeps(tmp_path, monkeypatch):
         tiny_save(directory, step)
     per = sum(f.stat().st_size for f in checkpoint.step_dir(directory, 2).iterdir())
     free["bytes"] = 2 * per  # room for the best and the one being written
-    assert checkpoint.disk_warning(directory, per_checkpoint=per, keep_last=2) is None
+    assert saver.disk_warning(directory, per_checkpoint=per, keep_last=2) is None
     free["bytes"] = 2 * per - 1
-    assert checkpoint.disk_warning(directory, per_checkpoint=per, keep_last=2) is not None
+    assert saver.disk_warning(directory, per_checkpoint=per, keep_last=2) is not None
     free["bytes"] = per - 1  # the one being written always needs its own room
-    assert checkpoint.disk_warning(directory, per_checkpoint=per, keep_last=0) is not None
+    assert saver.disk_warning(directory, per_checkpoint=per, keep_last=0) is not None
 
 
 # --- integrity: checksums, and every field of the metadata checked ---
@@ -252,7 +252,7 @@ def test_checkpoints_of_the_earlier_size_only_format_still_load_and_say_so(tmp_p
         tiny_save(tmp_path, step)
     reseal(checkpoint.step_dir(tmp_path, 2), legacy=True)
     said = []
-    loaded = checkpoint.choose_for_resume(tmp_path, "auto", said.append)
+    loaded = saver.choose_for_resume(tmp_path, "auto", said.append)
     assert loaded.progress.step == 2 and not checkpoint.has_checksums(loaded.path)
     assert said == [f"note: {loaded.path} was saved by an earlier version, without checksums: its file sizes were "
                     f"checked, not its contents"]
@@ -262,7 +262,7 @@ def test_checkpoints_of_the_earlier_size_only_format_still_load_and_say_so(tmp_p
     data[-4:] = b"\xff\xff\xff\xff"  # the last weight's bytes
     weights.write_bytes(bytes(data))
     assert not torch.equal(checkpoint.load(loaded.path).weights["w"], torch.full((3,), 2.0))
-    checkpoint.choose_for_resume(tmp_path, "auto", said.append)
+    saver.choose_for_resume(tmp_path, "auto", said.append)
     assert len(said) == 2 and said[1].startswith("note: ")  # nothing more to say, and nothing it can
 
 
@@ -413,7 +413,7 @@ def test_resume_auto_skips_a_checkpoint_that_fails_a_field_check(tmp_path):
     progress("step", "two")(newest)
     reseal(newest)
     said = []
-    assert checkpoint.choose_for_resume(checkpoints, "auto", said.append).progress.step == 1
+    assert saver.choose_for_resume(checkpoints, "auto", said.append).progress.step == 1
     assert said == [f'warning: {newest}/state.json is corrupted: progress.step is the string "two", not a whole '
                     f'number; trying the previous checkpoint']
     (newest / "state.json").write_text("[]")
@@ -558,10 +558,10 @@ def test_staging_names_are_unique_per_writer_and_pruning_spares_live_writers(tmp
             "another host": ".tmp-step-00000002.node-7.cluster.example.12345.0a1b2c3d"}
         for name in leftovers.values():
             (tmp_path / name).mkdir()
-        checkpoint.prune(tmp_path, keep_last=2)
+        saver.prune(tmp_path, keep_last=2)
         kept = {p.name for p in tmp_path.iterdir()}
         assert kept == {"step-00000001", leftovers["live writer"], leftovers["another host"]}
-        checkpoint.prune(tmp_path, keep_last=2, sole_writer=True)  # the run folder's lock holder: no other writer
+        saver.prune(tmp_path, keep_last=2, sole_writer=True)  # the run folder's lock holder: no other writer
         assert {p.name for p in tmp_path.iterdir()} == {"step-00000001", leftovers["live writer"]}
     finally:
         sleeper.kill()

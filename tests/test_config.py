@@ -24,7 +24,6 @@ from toolkit.config import (
     read_yaml,
     resume_mismatches,
     to_yaml,
-    trackers,
 )
 from toolkit.errors import UsageError
 
@@ -246,7 +245,9 @@ def test_empty_config_string_is_refused():
     (b"lr: {a: 1}\n", ": lr holds a mapping; each key takes one value (e.g. lr: 0.0003)"),
     (b"lr:\n  a: 1\n", ": lr holds a mapping"),
     (b"epochs: [1, 2]\n", ": epochs holds a list; each key takes one value (e.g. epochs: 8)"),
-    (b"a: 1\n---\nb: 2\n", "is not valid YAML at line 2"),
+    (b"a: 1\n---\nb: 2\n", "holds 2 YAML documents (separated by ---): a config is one document"),
+    (b"lr: 0.1\nepochs: 2\nlr: 0.5\n", ": lr is set twice (lines 1 and 3): keep one"),
+    (b"a: [1\n---\nb: 2\n", "is not valid YAML at line 2"),
     (b"[" * 100_000, "is nested too deeply to be a config"),
     (b"seed: " + b"1" * 5000 + b"\n", "holds a value YAML cannot read (Exceeds the limit (4300 digits)"),
     (b"output_dir: 2024-13-45\n", "holds a value YAML cannot read (month must be in 1..12)"),
@@ -321,7 +322,7 @@ def test_new_keys_defaults():
     assert (config.compile, config.grad_accum_steps, config.target_accuracy, config.eval_every_steps,
             config.early_stop_patience, config.time_limit, config.profile_steps, config.log_with) == \
         (False, 1, 0.0, 0, 0, "", "", "tensorboard")
-    assert trackers(config) == ["tensorboard"]
+    assert config.trackers == ["tensorboard"]
     assert parse_duration(config.time_limit) == math.inf
     assert parse_step_range(config.profile_steps) is None
 
@@ -392,8 +393,8 @@ def test_parse_step_range():
 
 def test_trackers_are_in_order_each_once():
     assert parse_trackers("wandb, tensorboard,wandb") == ["wandb", "tensorboard"]
-    assert trackers(TrainConfig(log_with="aim,comet_ml,aim")) == ["aim", "comet_ml"]
-    assert trackers(TrainConfig(log_with="none")) == []
+    assert TrainConfig(log_with="aim,comet_ml,aim").trackers == ["aim", "comet_ml"]
+    assert TrainConfig(log_with="none").trackers == []
 
 
 def test_help_lists_every_key_with_its_default():

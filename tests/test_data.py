@@ -48,11 +48,23 @@ def test_failed_download_is_the_same_one_line_error(tmp_path, monkeypatch):
     from torchvision.datasets import MNIST
 
     def no_network(self):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.org/mnist/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
 
     monkeypatch.setattr(MNIST, "download", no_network)
-    with pytest.raises(DataError, match="not found and could not be downloaded"):
-        load_mnist(tmp_path, train=True, download=True)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as raised:
+        load_mnist(root, train=True, download=True)
+    assert str(raised.value).startswith(f"MNIST not found in {root / 'MNIST' / 'raw'} and could not be downloaded "
+                                        f"(urlopen error [Errno -2] Name or service not known): put ")
+    assert list(tmp_path.iterdir()) == []  # the folders the download made went with it
+    with pytest.raises(DataError) as raised:
+        load_mnist(root, train=True, download=False)
+    assert "could not be downloaded" not in str(raised.value) and "or let it download (--download)" in str(raised.value)
+    (tmp_path / "a-file").write_text("x")
+    for where in (tmp_path / "a-file", tmp_path / "a-file" / "under"):
+        with pytest.raises(DataError, match=f"the data folder {where} (is a file|lies under)"):
+            load_mnist(where, train=True, download=True)
 
 
 def test_train_shards_are_disjoint_equal_and_reshuffled_per_epoch():

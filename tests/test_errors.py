@@ -3,8 +3,9 @@ several processes in test_distributed.py)."""
 
 import pytest
 
+from toolkit.agreement import decided_on_main, raise_together
 from toolkit.checkpoint import CheckpointError
-from toolkit.errors import UsageError, UserError, decided_on_main, exit_on_user_error, raise_together
+from toolkit.errors import UsageError, UserError, exit_on_user_error
 
 
 @pytest.mark.parametrize("error, rank, local_rank, shown", [

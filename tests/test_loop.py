@@ -11,9 +11,11 @@ import torch
 from conftest import tiny_trainer
 
 import toolkit
+from toolkit.assemble import build_schedule
 from toolkit.config import TrainConfig
+from toolkit.stopping import first_request
 from toolkit.tally import StepTally
-from toolkit.train import build_schedule, first_request, warmup_warning
+from toolkit.train import warmup_warning
 
 # Steps without randomness and in fp32, so two ways of computing the same step can be compared.
 EXACT = {"dropout": 0.0, "shift_px": 0.0, "ema_decay": 0.0, "precision": "no"}
@@ -30,16 +32,16 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, large, accumu
     settings = {**EXACT, "optimizer": "sgd", "lr": 0.01, "train_samples": 80}
     steps = -(-80 // large)
     with tiny_trainer(tmp_path / "one", batch_size=large, **settings) as one:
-        initial = {k: v.clone() for k, v in one.network.state_dict().items()}
+        initial = {k: v.clone() for k, v in one.net.network.state_dict().items()}
         one.train_steps(steps)
-        expected = {k: v.clone() for k, v in one.network.state_dict().items()}
+        expected = {k: v.clone() for k, v in one.net.network.state_dict().items()}
         assert (one.progress.step, one.progress.batch) == (steps, steps)
     with tiny_trainer(tmp_path / "accumulated", batch_size=16, grad_accum_steps=accumulate,
                       **settings) as accumulated:
-        assert accumulated.steps_per_epoch == steps
+        assert accumulated.net.steps_per_epoch == steps
         accumulated.train_steps(steps)
         assert (accumulated.progress.step, accumulated.progress.batch) == (steps, 5)
-        got = accumulated.network.state_dict()
+        got = accumulated.net.network.state_dict()
     assert max(float((expected[k] - initial[k]).abs().max()) for k in expected) > 0.1  # the weights did move
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
@@ -130,7 +132,7 @@ def test_a_non_finite_loss_is_skipped_on_the_device_and_stops_the_run_before_any
         trainer.forward_backward = poisoned
         with pytest.raises(NonFiniteLoss, match=r"^loss is not finite at step 3 \(rank 0\)"):
             trainer.train()
-        assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+        assert all(torch.isfinite(p).all() for p in trainer.net.network.parameters())
     saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert [p.name for p in saved] == ["step-00000001", "step-00000002"]
     for folder in saved:
@@ -143,17 +145,24 @@ def test_a_signal_at_an_epochs_last_step_saves_and_says_how_to_resume(tmp_path, 
     used to be missing there) and exits 143."""
     import signal
 
-    with tiny_trainer(tmp_path, train_samples=64) as trainer:  # 2 steps an epoch
-        trainer.console = type(trainer.console)(enabled=True)
-        real = trainer.forward_backward
+    from toolkit.stopping import Signals
 
-        def signalled(images, labels, weight=1.0):
-            if trainer.progress.step == 1:
-                trainer.stop.signum = signal.SIGTERM  # what the handler sets
-            return real(images, labels, weight)
+    signals = Signals()
+    try:
+        with tiny_trainer(tmp_path, train_samples=64) as trainer:  # 2 steps an epoch
+            trainer.report.console = type(trainer.report.console)(enabled=True)
+            trainer.stops.signals = signals
+            real = trainer.forward_backward
 
-        trainer.forward_backward = signalled
-        assert trainer.train() == 143
+            def signalled(images, labels, weight=1.0):
+                if trainer.progress.step == 1:
+                    signals.signum = signal.SIGTERM  # what the handler sets
+                return real(images, labels, weight)
+
+            trainer.forward_backward = signalled
+            assert trainer.train() == 143
+    finally:
+        signals.close()
     out = capsys.readouterr().out
     assert f"stopped at step 2; resume with --resume auto --output-dir {tmp_path / 'run'}" in out
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
@@ -176,7 +185,7 @@ def test_compile_resumes_an_eager_checkpoint_and_back_with_plain_weight_names(tm
         assert eager.train() == 0
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     with tiny_trainer(tmp_path, max_steps=3, compile=True, resume="auto", **steps) as compiled:
-        assert type(compiled.model).__name__ == "OptimizedModule" and compiled.progress.step == 2
+        assert type(compiled.net.model).__name__ == "OptimizedModule" and compiled.progress.step == 2
         assert compiled.train() == 0
     saved = load_file(folder / "checkpoints" / "step-00000003" / "model.safetensors")
     assert set(saved) == set(AlexNet().state_dict())

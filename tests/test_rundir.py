@@ -47,7 +47,8 @@ def said() -> list[str]:
 
 
 def take(path, resume="", said=None):
-    return rundir.claim(str(path), resume, announce=(said.append if said is not None else print))
+    """What `rundir.claim` does on the main process when it enters its `with` block."""
+    return rundir.take(str(path), resume, announce=(said.append if said is not None else print))
 
 
 def fake_run(path: Path, steps=(1,)) -> Path:
@@ -69,10 +70,12 @@ def test_a_new_run_takes_its_folder_records_itself_and_lets_go(tmp_path, said):
     assert folder.path == path and folder.owner and folder.new and folder.locked and said == []
     holder = json.loads((path / "run.lock").read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == HOST
+    assert not (path / "run.json").exists()  # set-up writes nothing of the run's: it starts with training
+    folder.training_starts()
     assert record(path)["status"] == "running" and record(path)["resume"] == f"--resume auto --output-dir {path}"
     folder.saved(3, path / "checkpoints" / "step-00000003")
     assert (record(path)["step"], record(path)["checkpoint"]) == (3, str(path / "checkpoints" / "step-00000003"))
-    folder.ended(0)
+    folder.ended("finished", None)
     folder.release()
     assert record(path)["status"] == "finished" and record(path)["resume"] is None
     assert sorted(p.name for p in path.iterdir()) == ["run.json"]  # the lock file goes with the lock
@@ -91,16 +94,51 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_anything_is
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("entry", rundir.RUN_FILES)
-def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, entry):
-    path = tmp_path / "run"
-    path.mkdir()
-    (path / entry).mkdir() if entry in ("checkpoints", "tensorboard") else (path / entry).write_text("x")
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path):
+    path = fake_run(tmp_path / "run")
     before = snapshot(tmp_path)
     with pytest.raises(RunFolderError, match=f"{path} already holds a run: pass --resume auto to continue it, or "
-                                             f"choose another --output-dir \\(it has {entry}\\)"):
+                                             f"choose another --output-dir \\(it has config.yaml, metrics.jsonl, "
+                                             f"checkpoints, tensorboard\\)"):
         take(path)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("entry", rundir.WRITTEN)
+@pytest.mark.parametrize("resume", ["", "auto"])
+def test_files_a_run_would_write_that_no_run_wrote_are_never_overwritten(tmp_path, entry, resume):
+    """A user's own exp1/config.yaml (or any name a run writes) is not a run: neither a new run nor --resume auto
+    takes the folder, whatever the tool's own advice said before."""
+    path = tmp_path / "exp1"
+    path.mkdir()
+    (path / entry).mkdir() if entry in ("checkpoints", "tensorboard", "profile", "mlruns", "dvclive", "wandb",
+                                        ".aim") else (path / entry).write_text("# my own notes\nlr: 0.1\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(RunFolderError) as raised:
+        take(path, resume)
+    message = str(raised.value)
+    assert f"{entry}, which a run writes there and no run of this toolkit wrote" in message, message
+    assert "--resume auto" not in message.split(":")[-1] and raised.value.exit_code == 2
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo", "folder"])
+def test_a_lock_file_that_is_not_a_file_is_refused_and_nothing_is_written_through_it(tmp_path, planted):
+    path = fake_run(tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    if planted == "link":
+        (path / "run.lock").symlink_to(victim)
+    elif planted == "fifo":
+        os.mkfifo(path / "run.lock")  # opening one for reading would block for ever
+    else:
+        (path / "run.lock").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(RunFolderError) as raised:
+        take(path, "auto")
+    kind = {"link": "is a symbolic link", "fifo": "is not a regular file", "folder": "is a folder"}[planted]
+    assert str(raised.value).startswith(f"{path / 'run.lock'} {kind}") and "remove it" in str(raised.value)
+    assert snapshot(tmp_path) == before and victim.read_text() == "precious"
 
 
 def test_another_runs_checkpoint_starts_a_fork_in_a_new_folder_and_nowhere_else(tmp_path, said):
@@ -118,6 +156,7 @@ def test_another_runs_checkpoint_starts_a_fork_in_a_new_folder_and_nowhere_else(
     assert snapshot(a, b) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
     fork = take(tmp_path / "c", str(source))
+    fork.training_starts()
     assert fork.new and fork.forked_from == str(source.resolve())
     assert record(tmp_path / "c")["forked_from"] == str(source.resolve())
     fork.release()
@@ -133,11 +172,14 @@ def test_another_runs_checkpoint_starts_a_fork_in_a_new_folder_and_nowhere_else(
 def test_a_continued_run_keeps_its_history(tmp_path):
     path = tmp_path / "c"
     fork = take(path, str(fake_run(tmp_path / "b") / "checkpoints" / "step-00000001"))
+    fork.training_starts()
     fork.saved(7, path / "checkpoints" / "step-00000007")
-    fork.ended(143)
+    fork.ended("stopped", "SIGTERM")
     fork.release()
     started = record(path)["started"]
     again = take(path, "auto")
+    assert record(path)["status"] == "stopped"  # until training starts, the record says how the run stood
+    again.training_starts()
     kept = record(path)
     assert (kept["status"], kept["started"], kept["step"], kept["forked_from"]) == (
         "running", started, 7, str((tmp_path / "b" / "checkpoints" / "step-00000001").resolve()))
@@ -179,7 +221,7 @@ def test_a_held_folder_is_refused_at_once_naming_its_holder(tmp_path):
 
 
 HOLDER = ("import sys, time; from toolkit import rundir; "
-          "rundir.claim(sys.argv[1], 'auto', announce=lambda m: None); print('held', flush=True); time.sleep(120)")
+          "rundir.take(sys.argv[1], 'auto', announce=lambda m: None); print('held', flush=True); time.sleep(120)")
 
 
 @pytest.mark.slow
@@ -233,25 +275,26 @@ def test_a_filesystem_without_locks_is_said_and_not_fatal(tmp_path, monkeypatch,
 
 # ------------------------------------------------------------------ how a run ended
 
-@pytest.mark.parametrize("code, status, reason", [(0, "finished", None), (143, "stopped", "SIGTERM"),
-                                                  (130, "stopped", "SIGINT"), (3, "stopped", "exit status 3")])
-def test_how_a_run_ended_is_recorded(tmp_path, code, status, reason):
+@pytest.mark.parametrize("reason, status, code", [
+    (None, "finished", 0), ("SIGTERM", "stopped", 143), ("SIGINT", "stopped", 130), ("SIGHUP", "stopped", 129),
+    ("time_limit", "stopped", 0),  # the time limit stops with exit status 0, and is to be resumed all the same
+    ("max_steps", "finished", 0), ("early_stop", "finished", 0), ("target_accuracy", "finished", 0)])
+def test_how_a_run_ended_is_recorded(tmp_path, reason, status, code):
+    from toolkit.stopping import Stop
+
     folder = take(tmp_path / "run")
+    folder.training_starts()
     folder.saved(4, tmp_path / "run" / "checkpoints" / "step-00000004")
-    folder.ended(code)
+    if reason and reason.startswith("SIG"):
+        folder.stopping(reason)
+        assert record(tmp_path / "run")["status"] == "stopping"  # what a launcher's kill during the save leaves
+    stop = Stop(reason, 4) if reason else None
+    assert (stop.exit_code if stop else 0) == code
+    folder.ended(stop.status if stop else "finished", reason)
     folder.release()
     saved = record(tmp_path / "run")
     assert (saved["status"], saved["reason"], saved["step"]) == (status, reason, 4)
-    assert saved["resume"] == (None if code == 0 else f"--resume auto --output-dir {tmp_path / 'run'}")
-
-
-@pytest.mark.parametrize("reason, status", [("time_limit", "stopped"), ("max_steps", "finished"),
-                                            ("early_stop", "finished"), ("target_accuracy", "finished")])
-def test_the_trainers_stop_reason_says_whether_a_run_is_to_be_resumed(tmp_path, reason, status):
-    folder = take(tmp_path / "run")
-    folder.ended(0, reason)  # the time limit stops with exit status 0, and is to be resumed all the same
-    assert (record(tmp_path / "run")["status"], record(tmp_path / "run")["reason"]) == (status, reason)
-    folder.release()
+    assert saved["resume"] == (None if status == "finished" else f"--resume auto --output-dir {tmp_path / 'run'}")
 
 
 def test_a_new_run_that_fails_before_its_first_step_leaves_nothing(tmp_path):
@@ -267,9 +310,9 @@ def test_a_new_run_that_fails_before_its_first_step_leaves_nothing(tmp_path):
     mine = tmp_path / "mine"  # a folder the user made, with a file of theirs: only the run's files go
     mine.mkdir()
     (mine / "slurm-1.out").write_text("log")
-    folder = take(mine)
-    (mine / "metrics.jsonl").write_text("")
-    rundir.release_held(UsageError("bad"))
+    with pytest.raises(UsageError), rundir.claim(str(mine), "", announce=print):
+        (mine / "metrics.jsonl").write_text("")
+        raise UsageError("bad")
     assert [p.name for p in mine.iterdir()] == ["slurm-1.out"]
 
     fork = take(tmp_path / "fork", str(fake_run(tmp_path / "src") / "checkpoints" / "step-00000001"))
@@ -281,15 +324,31 @@ def test_a_new_run_that_fails_before_its_first_step_leaves_nothing(tmp_path):
 
 def test_a_run_that_fails_later_keeps_its_folder_and_says_why(tmp_path):
     folder = take(tmp_path / "new")
+    folder.training_starts()
     folder.failed(UsageError("loss is not finite at step 3"), step=3)
     folder.release()
     saved = record(tmp_path / "new")
     assert (saved["status"], saved["reason"], saved["message"]) == ("failed", "UsageError",
                                                                     "loss is not finite at step 3")
     existing = fake_run(tmp_path / "old")
-    folder = take(existing, "auto")  # a continued run is never removed: it failed, and says so
-    rundir.release_held(RuntimeError("first line\nsecond line"))
+    with pytest.raises(RuntimeError), rundir.claim(str(existing), "auto", announce=print) as folder:
+        folder.training_starts()  # a continued run is never removed: it failed, and says so
+        raise RuntimeError("first line\nsecond line")
     assert record(existing)["message"] == "RuntimeError: first line" and (existing / "metrics.jsonl").exists()
+
+
+def test_an_attempt_that_fails_before_training_leaves_the_runs_record_as_it_was(tmp_path):
+    """A usage error made while resuming (another process count mid-epoch, another recipe) must not change how
+    the run it refers to ended: a scheduler requeues from that record."""
+    path = fake_run(tmp_path / "run")
+    first = take(path, "auto")
+    first.training_starts()
+    first.ended("stopped", "SIGTERM")
+    first.release()
+    before = (path / "run.json").read_text()
+    with pytest.raises(UsageError), rundir.claim(str(path), "auto", announce=print):
+        raise UsageError("cannot resume with 3 processes: it stopped mid-epoch with 2")
+    assert (path / "run.json").read_text() == before and not (path / "run.lock").exists()
 
 
 # ------------------------------------------------------------------ real processes, the real command line
@@ -475,11 +534,12 @@ def test_a_run_that_cannot_start_leaves_no_folder_or_says_why_in_its_own(two_run
 @needs_mnist
 def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     from toolkit import train
+    from toolkit.trainer import Trainer
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train.Trainer, "forward_backward", out_of_memory)  # what every step calls first
+    monkeypatch.setattr(Trainer, "forward_backward", out_of_memory)  # what every step calls first
     with pytest.raises(SystemExit) as exit_info:
         train.main([*RUN, "--output-dir", str(tmp_path / "runs" / "x")])
     assert exit_info.value.code == 1

@@ -12,9 +12,9 @@ A checkpoint is a folder `checkpoints/step-XXXXXXXX/` holding
 It is written into a temporary folder beside its final place (a name unique to the writing process), each file
 flushed to disk, then renamed into place. Any failure while writing (a full disk, a quota, an error, an interrupt)
 removes the temporary folder. A folder without its marker, or whose files do not match it (size, checksum, or
-fields of the wrong type), is never loaded. Old checkpoints are deleted only after the new one is complete, and the
-best one (by eval accuracy) is never deleted. Checkpoints of the earlier format (sizes only in `COMPLETE`) still
-load, with a note that their contents could not be checked.
+fields of the wrong type), is never loaded. Checkpoints of the earlier format (sizes only in `COMPLETE`) still
+load, with a note that their contents could not be checked. Which checkpoints a run writes, keeps and resumes from
+is `toolkit.saver`'s.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from toolkit.errors import UserError, one_line
-from toolkit.files import fsync
-from toolkit.rundir import process_exists
+from toolkit.files import file_mode, fsync
 
 MARKER = "COMPLETE"
 WEIGHTS = "model.safetensors"
@@ -107,6 +106,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     # safetensors stores plain row-major tensors: channels-last weights are made contiguous for the file
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path),
               metadata={"format": "pt"})
+    os.chmod(path, file_mode())  # safetensors creates its files 0600; the rest of a run's files follow the umask
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -226,20 +226,6 @@ def staging_name(prefix: str, name: str) -> str:
     return f"{prefix}{name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def writer_may_be_running(name: str, sole_writer: bool) -> bool:
-    """Whether the writer of the staging folder `name` may still be writing it: a process of this host that is
-    still there, or one of another host, unless the caller is the folder's only writer (it holds the run folder's
-    lock). A leftover of an earlier version (`.tmp-step-N`) names no writer."""
-    try:
-        head, pid_text, _token = name.rsplit(".", 2)
-        host, pid = head.split(".", 2)[2], int(pid_text)
-    except (ValueError, IndexError):
-        return False
-    if host != HOST:
-        return not sole_writer
-    return pid != os.getpid() and process_exists(pid)
-
-
 def write_error(directory: Path, final: Path, state: Checkpoint, error: Exception) -> CheckpointError:
     """The one line for a checkpoint that could not be written: why, what to do, and where to continue from."""
     try:
@@ -279,29 +265,6 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
-def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, averaged: bool) -> int:
-    """The size of one checkpoint of a run: the weights, the optimizer's state per weight (AdamW two moments,
-    SGD one buffer with momentum, none without), and the trained weights beside their average, if any."""
-    copies = 1 + (2 if optimizer == "adamw" else int(momentum > 0)) + int(averaged)
-    return tensor_bytes(model.state_dict()) * copies
-
-
-def disk_warning(directory: Path, per_checkpoint: int, keep_last: int) -> str | None:
-    """A warning when the disk under `directory` cannot take the checkpoints a run keeps: `keep_last`, the best,
-    and the one being written, less those already there. None when it can."""
-    existing = sum(f.stat().st_size for p in complete_checkpoints(directory) for f in p.iterdir() if f.is_file())
-    needed = max(per_checkpoint, per_checkpoint * (keep_last + 2) - existing)
-    probe = directory
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free >= needed:
-        return None
-    return (f"warning: {free / 1e9:.2f} GB free for {directory}, and checkpoints need about {needed / 1e9:.2f} GB "
-            f"more ({keep_last} kept, the best, and the one being written, {per_checkpoint / 1e9:.2f} GB each): "
-            f"free space or lower --keep-last, or a save may fail")
-
-
 def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 
@@ -314,31 +277,13 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def prune(directory: Path, keep_last: int, keep: Path | None = None, sole_writer: bool = False) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never `keep`, the best one) and the leftovers
-    of interrupted saves whose writer cannot still be writing them (`sole_writer`: the caller holds the run
-    folder's lock, so no other process writes here). Called only after a new checkpoint is complete."""
-    removed = []
-    for path in complete_checkpoints(directory)[:-keep_last]:
-        if keep is None or path.resolve() != keep.resolve():
-            shutil.rmtree(path)
-            removed.append(path)
-    for path in directory.iterdir():
-        if path.is_dir() and path.name.startswith(STAGING) and not writer_may_be_running(path.name, sole_writer):
-            shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
 # ------------------------------------------------------------------ reading
 def verify(path: Path, files: Collection[str] | None = None) -> Marker:
     """Raise CheckpointError unless `path` is a complete checkpoint whose files (or those of them named in
     `files`: what a reader will read) match its marker: their sizes, and their checksums when the marker records
     them (the earlier format records sizes only). Returns the marker."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint folder")
     if not is_complete(path):
-        raise CheckpointError(f"{path} is incomplete (no {MARKER} marker): it was being written when its run "
-                              f"stopped")
+        raise CheckpointError(not_a_checkpoint(path))
     marker = read_marker(path)
     checked = [name for name in marker.sizes if files is None or name in files]
     for name in checked:  # every size first: cheap, and what a truncated copy shows
@@ -354,6 +299,26 @@ def verify(path: Path, files: Collection[str] | None = None) -> Marker:
             raise CheckpointError(f"{path / name} is corrupted: its contents differ from those saved (the "
                                   f"{HASH} recorded in {MARKER} does not match)")
     return marker
+
+
+def not_a_checkpoint(path: Path) -> str:
+    """Why `path`, given as a checkpoint, is none: what it is instead, and what to give."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is a file, not a checkpoint folder (checkpoints/step-...)"
+    entries = sorted(entry.name for entry in path.iterdir())
+    if not entries:
+        return f"{path} is an empty folder, not a checkpoint"
+    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
+        return (f"{path} is a run folder, not a checkpoint: continue it with --resume auto --output-dir {path}, or "
+                f"give one of its checkpoints/{PREFIX}... folders")
+    inside = [name for name in entries if name.startswith(PREFIX) and is_complete(path / name)]
+    if inside:
+        return f"{path} holds checkpoints, and is none: give one of them, e.g. {path / inside[-1]}"
+    if any(name in FILES for name in entries):
+        return f"{path} is incomplete (no {MARKER} marker): it was being written when its run stopped"
+    return f"{path} is not a checkpoint folder (it holds no {MARKER} and none of {', '.join(REQUIRED)})"
 
 
 def file_digest(path: Path) -> str:
@@ -575,29 +540,6 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
 def latest(directory: Path) -> list[Path]:
     """Complete checkpoints, newest first: the order `--resume auto` tries them in."""
     return list(reversed(complete_checkpoints(directory)))
-
-
-def choose_for_resume(directory: Path, resume: str, announce: Callable[[str], None]) -> Checkpoint | None:
-    """The checkpoint a run resumes from, loaded: `resume` auto is the newest complete checkpoint in `directory`
-    that loads and passes every check (announcing each one skipped), or None when there is none; otherwise
-    `resume` is a checkpoint folder, and one that does not load is a CheckpointError."""
-    if resume != "auto":
-        return loaded(Path(resume), announce)
-    for path in latest(directory):
-        try:
-            return loaded(path, announce)
-        except CheckpointError as error:
-            announce(f"warning: {error}; trying the previous checkpoint")
-    announce(f"no complete checkpoint in {directory}: starting from scratch")
-    return None
-
-
-def loaded(path: Path, announce: Callable[[str], None]) -> Checkpoint:
-    state = load(path)
-    if not has_checksums(path):
-        announce(f"note: {path} was saved by an earlier version, without checksums: its file sizes were checked, "
-                 f"not its contents")
-    return state
 
 
 def for_inference(path: Path) -> tuple[Path, str]:

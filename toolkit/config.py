@@ -17,6 +17,7 @@ import math
 import re
 import reprlib
 import stat
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,27 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvc
 MAX_SEED = 2**31 - 1
 # A longer wait overflows timers (threading takes at most ~292 years) and is no limit anyway.
 MAX_TIME_LIMIT_S = 365 * 86400
+# Upper bounds of the number keys: past them a value is a typo, or overflows where it is used.
+MAX_COUNT = 10**9  # steps, samples, evaluations: more than any run here takes
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_IMAGE_SIZE = 4096  # 18x the recipe's 224 px; a batch of 128 there needs about 80 GB of activations
+MAX_SHIFT_PX = 14.0  # half of MNIST's 28 pixels
+MAX_LR = 10.0
+MAX_THREADS = 4096
+MAX_DIST_TIMEOUT_S = 7 * 86400  # torch keeps it in milliseconds: far larger values overflow
 # Keys that may differ between a checkpoint and the run resuming it: they change where things go, how often
 # they are reported or evaluated, when the run stops and how fast it runs, not what a step computes. Any other
 # difference stops a resume.
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "download", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_last", "resume",
     "dist_timeout_s", "cpu_threads", "max_steps", "compile", "eval_every_steps", "target_accuracy",
-    "early_stop_patience", "time_limit", "profile_steps", "log_with",
+    "early_stop_patience", "time_limit", "profile_steps", "log_with", "eval_batch_size", "deterministic",
+    "save_checkpoints",
+    # where it runs: another device continues the same recipe (its random state re-seeded, said so)
+    "device",
+    # compared as resolved by the trainer (auto may be the checkpoint's bf16): listed once, there
+    "precision",
 })
 
 
@@ -112,51 +127,59 @@ class TrainConfig:
     data_dir: str = _option("", "MNIST root, the folder holding MNIST/raw/ ('' = $TOOLKIT_DATA_DIR, else ./data)")
     download: bool = _option(True, "download MNIST when its files are missing")
     image_size: int = _option(224, "MNIST's 28x28 images are resized to this many pixels, on the device",
-                              minimum=65)
+                              minimum=65, maximum=MAX_IMAGE_SIZE)
     normalize: bool = _option(True, "standardise pixels with MNIST's mean and std (false = raw [0, 1], "
                                     "as the reference)")
-    shift_px: float = _option(2.0, "random translation of training images by up to this many MNIST pixels "
-                                   "(0 = off)", minimum=0)
-    train_samples: int = _option(0, "train on the first N training images (0 = all 60,000)", minimum=0)
-    eval_samples: int = _option(0, "evaluate on the first N test images (0 = all 10,000)", minimum=0)
+    shift_px: float = _option(2.0, f"random translation of training images by up to this many MNIST pixels, at most "
+                                   f"{MAX_SHIFT_PX} (half the 28-pixel image: further, the digit leaves it) (0 = off)",
+                              minimum=0, maximum=MAX_SHIFT_PX)
+    train_samples: int = _option(0, "train on the first N training images (0 = all 60,000)", minimum=0,
+                                 maximum=MAX_COUNT)
+    eval_samples: int = _option(0, "evaluate on the first N images of the evaluation set (0 = all: the 10,000 test "
+                                   "images, or the held-out ones)", minimum=0, maximum=MAX_COUNT)
     validation_samples: int = _option(0, "hold out the last N training images and evaluate on them instead of the "
                                          "test set, to choose a recipe without looking at the test set (0 = evaluate "
-                                         "on the test set)", minimum=0)
+                                         "on the test set)", minimum=0, maximum=MAX_COUNT)
     # --- model ---
     init: str = _option("kaiming", "weight initialisation: kaiming, or default (PyTorch's, as the reference; "
                                    "it sits at chance for hundreds of steps)", choices=INITS)
     dropout: float = _option(0.5, "dropout before the last two linear layers", minimum=0, below=1)
     # --- optimisation ---
-    epochs: int = _option(8, "passes over the training data", positive=True)
+    epochs: int = _option(8, "passes over the training data", positive=True, maximum=MAX_EPOCHS)
     max_steps: int = _option(0, "stop after this many optimizer steps (0 = no cap); the LR schedule still "
-                                "spans `epochs`", minimum=0)
+                                "spans `epochs`", minimum=0, maximum=MAX_COUNT)
     batch_size: int = _option(128, "images per process per micro-batch; the global batch is this x processes x "
-                                   "grad_accum_steps", positive=True)
+                                   "grad_accum_steps", positive=True, maximum=MAX_BATCH)
     grad_accum_steps: int = _option(1, "micro-batches per optimizer step: gradients accumulate over this many "
-                                       "batches (1 = a step per batch)", positive=True)
-    eval_batch_size: int = _option(500, "images per process per evaluation batch", positive=True)
+                                       "batches (1 = a step per batch)", positive=True, maximum=MAX_BATCH)
+    eval_batch_size: int = _option(500, "images per process per evaluation batch", positive=True,
+                                   maximum=MAX_BATCH)
     optimizer: str = _option("adamw", "adamw, or sgd (with `momentum`; plain SGD as the reference)",
                              choices=OPTIMIZERS)
-    lr: float = _option(3e-4, "peak learning rate for the global batch (see README: scaling with the batch)",
-                        positive=True)
+    lr: float = _option(3e-4, f"peak learning rate for the global batch (see README: scaling with the batch), at most "
+                              f"{MAX_LR:g} (beyond it every optimizer here diverges at once)", positive=True,
+                        maximum=MAX_LR)
     momentum: float = _option(0.9, "SGD momentum (0 = plain SGD, as the reference)", minimum=0, below=1)
     nesterov: bool = _option(True, "Nesterov momentum (SGD with momentum > 0 only)")
-    weight_decay: float = _option(0.05, "weight decay (decoupled for adamw, L2 for sgd)", minimum=0)
+    weight_decay: float = _option(0.05, "weight decay (decoupled for adamw, L2 for sgd), at most 1", minimum=0,
+                                  maximum=1)
     lr_schedule: str = _option("cosine", "constant, cosine or linear decay to zero over `epochs`",
                                choices=LR_SCHEDULES)
-    warmup_steps: int = _option(100, "linear warm-up from 0 to `lr` over this many steps", minimum=0)
+    warmup_steps: int = _option(100, "linear warm-up from 0 to `lr` over this many steps", minimum=0,
+                                maximum=MAX_COUNT)
     label_smoothing: float = _option(0.0, "cross-entropy label smoothing", minimum=0, below=1)
-    grad_clip: float = _option(0.0, "clip the global gradient norm at this value (0 = off)", minimum=0)
+    grad_clip: float = _option(0.0, "clip the global gradient norm at this value (0 = off)", minimum=0,
+                               maximum=MAX_COUNT)
     ema_decay: float = _option(0.999, "evaluate and save an exponential moving average of the weights with this "
                                       "decay per step, reached after a warm-up of about 9 / (1 - decay) steps "
                                       "(0 = the weights themselves, as the reference)", minimum=0, below=1)
     # --- evaluation and stopping ---
     eval_every_steps: int = _option(0, "evaluate every N optimizer steps (0 = once per epoch, at its end)",
-                                    minimum=0)
+                                    minimum=0, maximum=MAX_COUNT)
     target_accuracy: float = _option(0.0, "stop with a checkpoint once an evaluation reaches this accuracy, a "
                                           "fraction (0.99 = 99%; 0 = off)", minimum=0, maximum=1)
     early_stop_patience: int = _option(0, "stop after N evaluations in a row without a new best accuracy "
-                                          "(0 = off)", minimum=0)
+                                          "(0 = off)", minimum=0, maximum=MAX_COUNT)
     time_limit: str = _option("", "wall-clock limit of this run's process: 90m, 3h, 1h30m, 45s or 2d, at most 365d "
                                   "('' = none)", parse=parse_duration)
     # --- hardware and reproducibility ---
@@ -169,20 +192,25 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the model: a slower first step, faster steps after (a run "
                                    "resumes from a checkpoint saved with or without it)")
     cpu_threads: int = _option(0, "torch threads per process on the CPU (0 = the cores divided by the local "
-                                  "processes)", minimum=0)
+                                  "processes; more than the cores is lowered to them, saying so)", minimum=0,
+                               maximum=MAX_THREADS)
     seed: int = _option(0, f"seed for initialisation, data order, augmentation and dropout, 0 to {MAX_SEED} "
                            f"(2**31 - 1: seed + rank must suit numpy)", minimum=0, maximum=MAX_SEED)
     deterministic: bool = _option(False, "use deterministic algorithms only (slower on GPUs)")
     dist_timeout_s: int = _option(600, "seconds a process waits in a collective for the others before the job "
-                                       "fails", positive=True)
+                                       "fails, at most 7 days", positive=True, maximum=MAX_DIST_TIMEOUT_S)
     # --- outputs ---
     output_dir: str = _option("", "run folder ('' = runs/<timestamp>)")
-    log_every_steps: int = _option(50, "log the training loss every N steps", positive=True)
+    log_every_steps: int = _option(50, "log the training loss every N steps (under several processes, also how "
+                                       "often they agree to stop on a signal)", positive=True, maximum=MAX_COUNT)
     log_with: str = _option("tensorboard", f"trackers to log to, comma-separated: {', '.join(TRACKERS)}; "
                                            f"or none", parse=parse_trackers)
     checkpoint_every_steps: int = _option(0, "also checkpoint every N steps (0 = at the end of each epoch "
-                                             "only)", minimum=0)
-    keep_last: int = _option(2, "keep this many recent checkpoints (the best one is kept apart)", positive=True)
+                                             "only)", minimum=0, maximum=MAX_COUNT)
+    keep_last: int = _option(2, "keep this many recent checkpoints (the best one is kept apart)", positive=True,
+                             maximum=MAX_COUNT)
+    save_checkpoints: bool = _option(True, "write checkpoints (false: nothing to resume from or to use afterwards; "
+                                           "for benchmarks and trials)")
     resume: str = _option("", "'' = start fresh; auto = the latest complete checkpoint in output_dir; "
                               "or a checkpoint folder")
     profile_steps: str = _option("", "A:B = record optimizer steps A to B, both included (counted from 1, as "
@@ -195,6 +223,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    # the text keys as the code uses them, parsed here once
+    @property
+    def time_limit_s(self) -> float:
+        """`time_limit` in seconds; math.inf without one."""
+        return parse_duration(self.time_limit)
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """`profile_steps` as (first, last), both included; None when off."""
+        return parse_step_range(self.profile_steps)
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers of `log_with`, in order, each once; [] for none."""
+        return parse_trackers(self.log_with)
+
+    def without_effect(self) -> list[str]:
+        """Keys set away from their defaults that this config ignores, each with why."""
+        ignored = []
+        if self.optimizer == "adamw":
+            for key in ("momentum", "nesterov"):
+                if getattr(self, key) != FIELDS[key].default:
+                    ignored.append(f"{key} (it is SGD's; optimizer is adamw)")
+        return ignored
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -310,6 +363,25 @@ class _YamlLoader(yaml.SafeLoader):
             return "tag:yaml.org,2002:str"
         return tag
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping, refusing a key written twice: YAML would keep the last silently."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few lines: anything larger is the wrong file
 _NOT_REGULAR = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -361,6 +433,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {path} is binary, not YAML text (a NUL byte at position {text.index(chr(0))})")
     try:
         values = yaml.load(text, Loader=_YamlLoader)
+    except DuplicateKey as error:
+        raise UsageError(f"config file {path}: {_yaml_text(error.key)} is set twice (lines {error.first} and "
+                         f"{error.again}): keep one") from None
+    except yaml.composer.ComposerError as error:
+        if "expected a single document" not in str(error):
+            raise UsageError(f"config file {path} is not valid YAML") from None
+        try:
+            documents = str(sum(1 for _ in yaml.safe_load_all(text)))
+        except yaml.YAMLError:
+            documents = "several"
+        raise UsageError(f"config file {path} holds {documents} YAML documents (separated by ---): a config is one "
+                         f"document") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -405,13 +489,47 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        return super().parse_known_args(self.values_attached(sys.argv[1:] if args is None else list(args)),
+                                        namespace)
+
+    def values_attached(self, args: list[str]) -> list[str]:
+        """`--flag VALUE` as `--flag=VALUE` where VALUE starts with '-' and is no flag: argparse would take
+        `--time-limit -5s` or `--lr -inf` for two flags and say "expected one argument", where the key's own
+        rule has a better word for the value."""
+        takes_value = {flag for action in self._actions if action.nargs is None for flag in action.option_strings}
+        attached: list[str] = []
+        index = 0
+        while index < len(args):
+            arg = args[index]
+            value = args[index + 1] if index + 1 < len(args) else None
+            if arg in takes_value and value is not None and value.startswith("-") \
+                    and value.split("=")[0] not in self._option_string_actions:
+                attached.append(f"{arg}={value}")
+                index += 2
+            else:
+                attached.append(arg)
+                index += 1
+        return attached
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: a second `--config` would silently replace the first."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise UsageError(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give one "
+                             f"file (copy the keys of both into it; flags override it)")
+        setattr(namespace, self.dest, values)
+
 
 def build_parser(prog: str, description: str, keys: Iterable[str] | None = None) -> ArgumentParser:
     """One flag per config key (all keys, or `keys`); with all keys also `--config PATH`. Flags default to
     'not given' so they only override."""
     parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     if keys is None:
-        parser.add_argument("--config", help="YAML file of config keys (e.g. configs/seed.yaml)")
+        parser.add_argument("--config", action=_Once, help="YAML file of config keys (e.g. configs/seed.yaml)")
     for name in keys or FIELDS:
         spec = FIELDS[name]
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
@@ -441,11 +559,6 @@ def parse_args(argv: list[str] | None, prog: str = "toolkit.train",
     if config_path is not None:
         config = from_dict(read_yaml(config_path), source=str(config_path))
     return from_dict(flags, source="command line", base=config)
-
-
-def trackers(config: TrainConfig) -> list[str]:
-    """The trackers of `log_with`, in order, each once; [] for none."""
-    return parse_trackers(config.log_with)
 
 
 def to_yaml(config: TrainConfig) -> str:

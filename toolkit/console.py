@@ -2,13 +2,18 @@
 
 On a terminal: a header, a live progress bar (loss, images/s, ETA) and a table per evaluation, then a summary.
 Otherwise (CI, nohup, SLURM logs): the same facts as plain lines, a progress line every `log_every_steps` steps,
-no control codes.
+no control codes. Either way the plain lines also go to the run folder's `console.log`, and a console whose reader
+goes away (a closed pipe, `| head`, a terminal closed) goes on quietly: the run trains on and the log keeps it all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -30,31 +35,97 @@ def _format(key: str, value: Any) -> str:
     return str(value)
 
 
+class Survivor:
+    """A text stream that outlives its reader: once a write fails (a closed pipe, a terminal gone), the stream's
+    file descriptor is pointed at /dev/null and the rest is dropped quietly, so that neither this run nor the
+    interpreter's last flush at exit fails on it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.lost = False
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # ValueError: the stream was closed
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._lose()
+
+    def _lose(self) -> None:
+        self.lost = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+
+    def isatty(self) -> bool:
+        try:
+            return not self.lost and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+
 class TrainConsole:
     def __init__(self, enabled: bool) -> None:
-        self.console = Console(quiet=not enabled, highlight=False)
+        self.console = Console(file=Survivor(sys.stdout), quiet=not enabled, highlight=False)
         self.live = enabled and self.console.is_terminal
         self.console.soft_wrap = not self.console.is_terminal  # a log line stays one line, however long
         self.enabled = enabled
+        self.log_file: IO[str] | None = None
         self.progress: Progress | None = None
         self.task = None
         self.epoch_label = ""
         self.started = time.perf_counter()
         self.done_at_start = self.total_steps = 0
 
+    def keep_log(self, path: Path) -> None:
+        """From here on every line also goes to `path` (appended), in the plain form."""
+        if self.enabled:
+            self.log_file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
+
+    def _logged(self, *lines: str) -> None:
+        if self.log_file is not None:
+            try:
+                self.log_file.write("".join(line + "\n" for line in lines))
+                self.log_file.flush()
+            except OSError:  # a full disk: the terminal still has it
+                pass
+
     def print(self, message: str) -> None:
         self.console.print(message, markup=False)
+        self._logged(message)
+
+    def _plain(self, *lines: str) -> None:
+        """Lines for the log file, and for the console when it is not a terminal."""
+        if not self.live:
+            for line in lines:
+                self.console.print(line, markup=False)
+        self._logged(*lines)
 
     def header(self, facts: dict[str, Any], config: dict[str, Any]) -> None:
+        config_line = "config: " + " ".join(f"{k}={v}" for k, v in config.items())
         if self.live:
             table = Table.grid(padding=(0, 2))
             for key, value in facts.items():
                 table.add_row(f"[bold]{key}[/]", str(value))
             self.console.print(table)
-            self.console.print("[dim]config: " + " ".join(f"{k}={v}" for k, v in config.items()) + "[/]")
-        else:
-            self.print(" | ".join(f"{k}: {v}" for k, v in facts.items()))
-            self.print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
+            self.console.print("[dim]" + config_line.replace("[", "\\[") + "[/]")
+        self._plain(" | ".join(f"{k}: {v}" for k, v in facts.items()), config_line)
 
     def epoch_started(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
         self.epoch_label = f"epoch {epoch + 1}/{epochs}"
@@ -76,7 +147,7 @@ class TrainConsole:
         if self.progress is not None:
             self.progress.update(self.task, completed=done_steps)
 
-    def log(self, done_steps: int, metrics: dict[str, float | None]) -> None:
+    def log(self, done_steps: int, metrics: dict[str, float | None], first_window: bool = False) -> None:
         """Called at log steps with the loss, speed and memory of all processes since the last log."""
         if not self.enabled:
             return
@@ -85,7 +156,6 @@ class TrainConsole:
         rate = f"{metrics['perf/images_per_sec']:,.0f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=done_steps, loss=loss_text, rate=rate)
-            return
         eta = _eta(time.perf_counter() - self.started, done_steps - self.done_at_start,
                    self.total_steps - done_steps)
         line = f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss_text} images/s {rate}"
@@ -96,7 +166,7 @@ class TrainConsole:
             line += f" {metrics['perf/tflops']:.2f} TFLOP/s ({metrics['perf/mfu']:.0%} of peak)"
         if "memory/peak_gib" in metrics:
             line += f" mem {metrics['memory/peak_gib']:.1f} GiB"
-        self.print(f"{line} eta {eta}")
+        self._plain(f"{line} eta {eta}" + (" (first window: warm-up included)" if first_window else ""))
 
     def evaluated(self, record: dict[str, Any]) -> None:
         """An evaluation: at an epoch's end ("epoch 2/8 done") or within one (`eval_every_steps`)."""
@@ -109,9 +179,8 @@ class TrainConsole:
                 table.add_column(title, justify="right")
             table.add_row(*(_format(key, record[key]) for _, key in EPOCH_COLUMNS))
             self.console.print(table)
-        else:
-            self.print(label + ": " + ", ".join(
-                f"{title} {_format(key, record[key])}" for title, key in EPOCH_COLUMNS[1:]))
+        self._plain(label + ": " + ", ".join(
+            f"{title} {_format(key, record[key])}" for title, key in EPOCH_COLUMNS[1:]))
 
     def summary(self, rows: dict[str, str]) -> None:
         """The end of a run: best accuracy, times to the milestones, totals, where things are."""
@@ -120,9 +189,7 @@ class TrainConsole:
             for key, value in rows.items():
                 table.add_row(key, value)
             self.console.print(table)
-        else:
-            for key, value in rows.items():
-                self.print(f"{key}: {value}")
+        self._plain(*(f"{key}: {value}" for key, value in rows.items()))
 
     def ranks(self, rows: list[dict[str, Any]]) -> None:
         """Per-process throughput, so a straggler shows."""
@@ -136,10 +203,8 @@ class TrainConsole:
                 table.add_row(str(row["rank"]), f"{row['images']:,}", f"{row['seconds']:.1f}",
                               f"{row['images_per_sec']:,.0f}", f"{row['step_ms']:.1f}")
             self.console.print(table)
-        else:
-            for row in rows:
-                self.print(f"rank {row['rank']}: {row['images']:,} images in {row['seconds']:.1f}s, "
-                           f"{row['images_per_sec']:,.0f} images/s, {row['step_ms']:.1f} ms/step")
+        self._plain(*(f"rank {row['rank']}: {row['images']:,} images in {row['seconds']:.1f}s, "
+                      f"{row['images_per_sec']:,.0f} images/s, {row['step_ms']:.1f} ms/step" for row in rows))
 
     def _stop_progress(self) -> None:
         if self.progress is not None:
@@ -148,6 +213,10 @@ class TrainConsole:
 
     def close(self) -> None:
         self._stop_progress()
+        if self.log_file is not None:
+            with contextlib.suppress(OSError):
+                self.log_file.close()
+            self.log_file = None
 
 
 def _eta(elapsed: float, done: int, remaining: int) -> str:

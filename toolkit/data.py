@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,17 @@ def mnist_present(root: Path) -> bool:
     return all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
 
 
+def check_data_dir(root: Path) -> None:
+    """A DataError when the data folder is a file, or lies under one."""
+    for candidate in (root, *root.parents):
+        if candidate.is_dir():
+            return
+        if candidate.exists():
+            where = "is a file" if candidate == root else f"lies under {candidate}, a file"
+            raise DataError(f"the data folder {root} {where}: point --data-dir / ${DATA_DIR_ENV} at the folder that "
+                            f"holds MNIST/raw/ (or where it may be downloaded)")
+
+
 def require_mnist(root: Path, reader: str = "this", alternative: str = "") -> None:
     """A DataError unless root/MNIST/raw/ holds the four files, for commands that never download (benchmarks):
     `reader` names what reads them, `alternative` what to do instead."""
@@ -52,9 +64,14 @@ def require_mnist(root: Path, reader: str = "this", alternative: str = "") -> No
                         f"folder holding MNIST/ (toolkit.train downloads it there){alternative}")
 
 
-def missing_files_message(root: Path) -> str:
-    return (f"MNIST not found and could not be downloaded: put {', '.join(MNIST_FILES)} (uncompressed) in "
-            f"{root / 'MNIST' / 'raw'}, or point --data-dir / ${DATA_DIR_ENV} at the folder that holds MNIST/")
+def missing_files_message(root: Path, download_error: str | None = None) -> str:
+    """Where MNIST was looked for, what to put there, and (when a download was tried) why it failed."""
+    missing = [name for name in MNIST_FILES if not (root / "MNIST" / "raw" / name).is_file()]
+    found = "MNIST not found" if len(missing) == len(MNIST_FILES) else f"MNIST incomplete (no {', '.join(missing)})"
+    tried = f" and could not be downloaded ({download_error})" if download_error else ""
+    allow = "" if download_error else ", or let it download (--download)"
+    return (f"{found} in {root / 'MNIST' / 'raw'}{tried}: put {', '.join(MNIST_FILES)} (uncompressed) there, or point "
+            f"--data-dir / ${DATA_DIR_ENV} at the folder that holds MNIST/{allow}")
 
 
 # IDX headers: a big-endian magic number 0x0000TTDD (TT: 0x08 = uint8, DD: the number of dimensions), then
@@ -69,10 +86,11 @@ def load_mnist(root: Path, train: bool, download: bool = True) -> tuple[torch.Te
     both files' IDX headers, sizes, counts and labels (a DataError naming the file says what is wrong).
     torchvision downloads the files there first when they are missing and `download` is set."""
     raw = root / "MNIST" / "raw"
+    check_data_dir(root)
     if not mnist_present(root):
         if not download:
             raise DataError(missing_files_message(root))
-        _download(root)
+        download_mnist(root)
     prefix = "train" if train else "t10k"
     images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     images = _read_idx(images_path, IMAGES_MAGIC)
@@ -90,19 +108,32 @@ def load_mnist(root: Path, train: bool, download: bool = True) -> tuple[torch.Te
     return images, labels.long()
 
 
-def _download(root: Path) -> None:
-    """Fetch the four files into root/MNIST/raw/ with torchvision; the missing-files error if they are not all
-    there afterwards."""
+def download_mnist(root: Path) -> None:
+    """Fetch the four files into root/MNIST/raw/ with torchvision, unless they are there; the missing-files error,
+    with the download's own reason, if they are not all there afterwards. Folders it made for a download that
+    failed are removed again."""
+    check_data_dir(root)
+    if mnist_present(root):
+        return
     from torchvision.datasets import MNIST
 
+    raw = (root / "MNIST" / "raw").absolute()
+    made = [folder for folder in (raw, *raw.parents) if not folder.exists()]  # innermost first
+    reason = None
     try:
         # torchvision reports its download attempts on stdout; keep them off the console unless they fail.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()) as said:
             MNIST(str(root), train=True, download=True)
-    except (RuntimeError, OSError, ValueError):
-        pass  # judged by what is on disk now: the files' contents are checked when they are read
+    except (RuntimeError, OSError, ValueError) as error:
+        # torchvision: "Error downloading X:", then for each mirror "Tried URL, got:" and the error it got
+        lines = [line.strip().strip("<>") for line in f"{error}\n{said.getvalue()}".splitlines() if line.strip()]
+        got = [line for line in lines if not line.startswith(("Tried ", "Error downloading", "Downloading"))]
+        reason = (got[-1] if got else lines[0] if lines else type(error).__name__)[:200]
     if not mnist_present(root):
-        raise DataError(missing_files_message(root))
+        for folder in made:  # innermost first: only what the download made, only if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise DataError(missing_files_message(root, reason or "the files were not all there afterwards"))
 
 
 def _read_idx(path: Path, magic: int) -> torch.Tensor:
@@ -167,6 +198,14 @@ class Preprocess:
     normalize: bool = True
     shift_px: float = 0.0
     channels_last: bool = False
+
+    @classmethod
+    def for_config(cls, config: Any, device: str) -> Preprocess:
+        """What a config's training does on `device` (the memory format as `devices.use_channels_last` has it)."""
+        from toolkit.devices import use_channels_last
+
+        return cls(config.image_size, config.normalize, config.shift_px,
+                   use_channels_last(device, config.channels_last))
 
     def __call__(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
         x = images.unsqueeze(1).float().div_(255)  # (B, 1, 28, 28) in [0, 1]

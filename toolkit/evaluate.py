@@ -21,9 +21,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolkit import inference, plots
+from toolkit.agreement import main_first
 from toolkit.config import build_parser
 from toolkit.data import EvalBatches, first, load_mnist, resolve_data_dir
-from toolkit.errors import exit_on_user_error, main_first
+from toolkit.errors import exit_on_user_error
 from toolkit.files import Outputs
 from toolkit.metrics import EvalResult, evaluate
 from toolkit.model import NUM_CLASSES

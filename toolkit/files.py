@@ -28,6 +28,20 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set, then put back (at import, before any thread writes files)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def file_mode() -> int:
+    """The mode a new file gets here (0666 less the umask), for files written by libraries that choose their own."""
+    return 0o666 & ~UMASK
+
+
 def temporary_name(path: Path) -> Path:
     """A hidden name beside `path`, unique to this process, for writing before the rename."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -47,7 +61,9 @@ def write_all(contents: dict[Path, str | bytes]) -> None:
     try:
         for path, content in contents.items():
             temporaries.append(temporary_name(path))
-            with open(temporaries[-1], "w" if isinstance(content, str) else "wb") as file:
+            temporaries[-1].unlink(missing_ok=True)  # a leftover of this pid's: never write through what is there
+            descriptor = os.open(temporaries[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            with open(descriptor, "w" if isinstance(content, str) else "wb") as file:
                 file.write(content)
                 file.flush()
                 os.fsync(file.fileno())

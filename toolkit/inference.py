@@ -6,7 +6,7 @@ image as MNIST's are, and the serving model (the training preprocessing, then th
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +96,14 @@ def choose_precision(device: str, flag: str | None, saved: str | None) -> tuple[
 
 
 def runtime(config: TrainConfig, meta: dict[str, Any], precision_flag: str | None) -> Runtime:
-    """The accelerator for using a trained model on `config.device`, in the precision `choose_precision` picks."""
+    """The accelerator for using a trained model on `config.device`, in the precision `choose_precision` picks:
+    `assemble.runtime`, as training builds its own."""
+    from toolkit import assemble
+
     device = devices.resolve(config.device)
     precision, note = choose_precision(device, precision_flag, meta.get("precision"))
-    accelerator = devices.build_accelerator(device, precision, config.dist_timeout_s)
-    devices.configure(device, config.deterministic, config.cpu_threads, accelerator.num_processes)
-    return Runtime(accelerator=accelerator, device=device, precision=precision, note=note)
+    run = assemble.runtime(replace(config, compile=False), precision=(precision, "chosen for inference"), note=note)
+    return Runtime(accelerator=run.accelerator, device=run.device, precision=run.precision, note=note)
 
 
 def on_device(model: AlexNet, config: TrainConfig, accelerator: Accelerator) -> tuple[AlexNet, Preprocess]:

@@ -1,21 +1,25 @@
 """A run folder belongs to one run: which run may use it, who holds it now, and how the run ended.
 
 Which run may use a folder (`claim`, before anything is written):
-- no `--resume`: a new run, in a folder that is new or holds no run (none of `RUN_FILES`), and not inside one;
-- `--resume auto`, or a checkpoint in the folder's own `checkpoints/`: the run in the folder, continued;
+- no `--resume`: a new run, in a folder that is new, or holds neither a run nor any of the files a run writes
+  (`WRITTEN`: a user's own `config.yaml` there is never overwritten), and lies inside no run;
+- `--resume auto`, or a checkpoint in the folder's own `checkpoints/`: the run in the folder, continued (a folder
+  with no run in it starts one from scratch, unless it holds files a run would write);
 - `--resume` of any other checkpoint: a new run forked from it, in a folder as for a new run. `run.json` records
   `forked_from`; the source run's files are only read.
-Anything else stops with one line and exit 2, before a file is touched.
+Anything else stops with one line and exit 2, before a file is touched. A folder holds a run of this toolkit when
+it has a `run.json` it wrote (or, from before `run.json` existed, complete checkpoints).
 
 Who holds it: while a run trains, its main process holds an advisory lock (`flock`) on `run.lock`, a file that
-names it (pid, host, start time). A second training on the folder stops at once, naming the holder. The kernel
-drops the lock when the process ends, however it ends; the file, still naming a process that was killed, is taken
-over with a line saying so. A run that ends removes the file.
+names it (pid, host, start time), opened without following a link. A second training on the folder stops at once,
+naming the holder. The kernel drops the lock when the process ends, however it ends; the file, still naming a
+process that was killed, is taken over with a line saying so. A run that ends removes the file.
 
-How the run ended: `run.json`, rewritten atomically by the main process, says `running` (with the last checkpoint
-saved), `finished`, `stopped` (by a signal, saved, to be resumed: `resume` holds the flags) or `failed` (with the
-one-line error). Schedulers read it rather than the launcher's exit code, which `accelerate launch` does not pass
-on. A new run that fails before its first step leaves no folder behind.
+How the run ended: `run.json`, rewritten atomically by the main process once training starts, says `running`
+(with the last checkpoint saved), `stopping` (a signal arrived: the last checkpoint, or the one being written, is
+where it continues), `finished`, `stopped` (by a signal or the time limit, saved, to be resumed: `resume` holds the
+flags) or `failed` (with the one-line error). Schedulers read it rather than a launcher's exit code. An attempt
+that fails before its first step leaves a new folder nowhere and an existing run's `run.json` as it was.
 """
 
 from __future__ import annotations
@@ -27,23 +31,33 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import UsageError, UserError, decided_on_main, one_line
+from toolkit.agreement import decided_on_main
+from toolkit.errors import UsageError, UserError, one_line
 from toolkit.files import write_atomic
 
 LOCK = "run.lock"
 RECORD = "run.json"
-RUN_FILES = ("config.yaml", "metrics.jsonl", RECORD, "checkpoints", "tensorboard")  # what makes a folder a run's
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+PROFILE = "profile"
+CONSOLE_LOG = "console.log"
+# What a run writes in its folder (the lock aside), its trackers' local folders included: a new run never starts
+# where one of these already is and is not its own.
+WRITTEN = (CONFIG, METRICS, RECORD, CHECKPOINTS, TENSORBOARD, PROFILE, CONSOLE_LOG, "mlruns", "dvclive", "wandb",
+           ".aim")
+STATUSES = ("running", "stopping", "stopped", "finished", "failed")
 DEFAULT_PARENT = Path("runs")
 HOST = socket.gethostname()
-RESUMABLE = ("SIGTERM", "SIGINT", "time_limit")  # stop reasons that leave a run to be continued
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # a filesystem without working flock (some NFS, Lustre)
 
 Announce = Callable[[str], None]
@@ -54,8 +68,8 @@ class RunFolderError(UsageError):
 
 
 class RunFolder:
-    """The run folder of this run. Only the main process (`owner`) holds the lock and writes `run.json`; on the
-    other processes every method does nothing."""
+    """The run folder of this run, and the names of what a run keeps there. Only the main process (`owner`) holds
+    the lock and writes `run.json`; on the other processes every method that writes does nothing."""
 
     def __init__(self, path: Path, owner: bool = False, new: bool = False, announce: Announce = print) -> None:
         self.path = path
@@ -67,45 +81,84 @@ class RunFolder:
         self.started = now()
         self.step: int | None = None  # of the last checkpoint saved
         self.checkpoint: str | None = None
-        self.start_step = 0  # where this session started: a fork starts at its checkpoint's step
+        self.start_step = 0  # where this session started: a resumed or forked checkpoint's step
         self.created: list[Path] = []  # folders this claim made, outermost first
         self.previous_entries: set[str] = set()  # names already in a folder that existed
         self.fd: int | None = None
+        self.training = False  # this session has started training (and `run.json` says so)
         self.saved_any = False
+        self.outcome: str | None = None  # how this session ended, once recorded
+        self.status: str | None = None  # what run.json says, once this session wrote it
         self.discard = False
         self.released = False
+
+    # ------------------------------------------------------------------ what a run keeps here
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def profile(self) -> Path:
+        return self.path / PROFILE
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / CONSOLE_LOG
+
+    @property
+    def resume_flags(self) -> str:
+        """The flags that continue this run, quoted for a shell."""
+        return f"--resume auto --output-dir {shlex.quote(str(self.path))}"
 
     # ------------------------------------------------------------------ what the trainer reports
     def starts_at(self, step: int) -> None:
         """The step this session starts from (a resumed or forked checkpoint's)."""
         self.start_step = step
 
+    def training_starts(self) -> None:
+        """Set-up is done and the first step comes: from here on `run.json` follows this session."""
+        self.training = True
+        self.record("running")
+
     def saved(self, step: int, checkpoint: Path) -> None:
         """A checkpoint is complete: the run now has something to resume from."""
         self.step, self.checkpoint, self.saved_any = step, str(checkpoint), True
         self.record("running")
 
-    def ended(self, code: int, reason: str | None = None) -> None:
-        """The run returned `code`, having saved, for `reason` (the trainer's stop reason; by default the signal
-        of a code 128 + n). A signal or the time limit leaves it stopped, to be resumed; anything else (its
-        epochs, max_steps, a target reached, early stopping) finished."""
-        if reason is None and code > 128:
-            try:
-                reason = signal.Signals(code - 128).name
-            except ValueError:
-                pass
-        if reason in RESUMABLE or code != 0:
-            self.record("stopped", reason or f"exit status {code}")
-        else:
-            self.record("finished", reason)
+    def stopping(self, reason: str) -> None:
+        """A signal arrived: until the save completes (and if it never does), the run is one to continue from its
+        last complete checkpoint."""
+        if self.status != "stopping":
+            self.record("stopping", reason)
 
-    def failed(self, error: BaseException, step: int) -> None:
-        """The run raised `error` at `step`. A new run that did no step is discarded at `release`; any other
+    def ended(self, status: str, reason: str | None) -> None:
+        """The run returned: `stopped` (to be continued) or `finished`, for `reason` (a `stopping.Stop`'s)."""
+        self.outcome = status
+        self.record(status, reason)
+
+    def failed(self, error: BaseException, step: int | None = None) -> None:
+        """The run raised `error` at `step` (the first report counts). An attempt that never started training
+        changes nothing of the run it refers to; a new run that did no step is discarded at `release`; any other
         records the error's one line."""
-        if not self.owner:
+        if not self.owner or self.outcome is not None:
             return
-        if self.new and not self.saved_any and step <= self.start_step:
+        self.outcome = "failed"
+        if self.new and not self.saved_any and (step is None or step <= self.start_step):
             self.discard = True
+            return
+        if not self.training:
             return
         message = str(error) if isinstance(error, UserError) else one_line(error)
         self.record("failed", type(error).__name__, message)
@@ -114,10 +167,9 @@ class RunFolder:
         """Rewrite `run.json`. A failure to write it is a warning: the run's own results are not at stake."""
         if not self.owner:
             return
+        self.status = status
         record = {"status": status, "reason": reason, "message": message, "step": self.step,
-                  "checkpoint": self.checkpoint,
-                  "resume": None if status == "finished" else f"--resume auto --output-dir "
-                                                              f"{shlex.quote(str(self.path))}",
+                  "checkpoint": self.checkpoint, "resume": None if status == "finished" else self.resume_flags,
                   "forked_from": self.forked_from, "started": self.started, "updated": now(), "host": HOST,
                   "pid": os.getpid()}
         try:
@@ -132,8 +184,6 @@ class RunFolder:
         if not self.owner or self.released:
             return
         self.released = True
-        if self in _held:
-            _held.remove(self)
         if self.discard and self.path in self.created:  # made by this run and held by it since: all of it is its
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.discard:
@@ -152,22 +202,13 @@ class RunFolder:
                 break
 
 
-_held: list[RunFolder] = []  # folders this process holds: `release_held` lets go of them when a run fails to start
-
-
-def release_held(error: BaseException) -> None:
-    """For a run that failed before it could report it (while the trainer was being built): each folder this
-    process holds records the failure, or, new, is removed; then it is released."""
-    for folder in list(_held):
-        folder.failed(error, step=folder.start_step)
-        folder.release()
-
-
 # ------------------------------------------------------------------ claiming
-def claim(output_dir: str, resume: str, main_process: bool = True, announce: Announce = print) -> RunFolder:
+@contextmanager
+def claim(output_dir: str, resume: str, main_process: bool = True, announce: Announce = print) -> Iterator[RunFolder]:
     """The run folder for a run with `--output-dir output_dir` ('' = a new `runs/<timestamp>`) and `--resume
-    resume`. Every process calls it: the main process checks and takes the folder, and the others learn its
-    path, or its refusal (then every process fails with it; only the main process reports it)."""
+    resume`, held for the `with` block. Every process calls it: the main process checks and takes the folder, and
+    the others learn its path, or its refusal (then every process fails with it; only the main process reports
+    it). Leaving the block with an error records it (`RunFolder.failed`); leaving it anyhow lets the folder go."""
     folder: RunFolder | None = None
 
     def take_on_main() -> str:
@@ -176,12 +217,19 @@ def claim(output_dir: str, resume: str, main_process: bool = True, announce: Ann
         return str(folder.path)
 
     path = decided_on_main(take_on_main, main_process)
-    return folder or RunFolder(Path(path), owner=False, announce=announce)
+    folder = folder or RunFolder(Path(path), owner=False, announce=announce)
+    try:
+        yield folder
+    except BaseException as error:
+        folder.failed(error)
+        raise
+    finally:
+        folder.release()
 
 
 def take(output_dir: str, resume: str, announce: Announce) -> RunFolder:
-    """Check what the run may do with the folder, then lock it and record the run as running. Nothing is written
-    before every check that needs no lock has passed."""
+    """Check what the run may do with the folder, then lock it. Nothing is written before every check that needs
+    no lock has passed; `run.json` is written when training starts (`RunFolder.training_starts`)."""
     source = Path(resume) if resume and resume != "auto" else None
     if not output_dir:
         if resume == "auto":
@@ -204,14 +252,12 @@ def take(output_dir: str, resume: str, announce: Announce) -> RunFolder:
     except BaseException:
         folder.release()  # the lock file, if it made one, and the folders it made, if empty: nothing else
         raise
-    folder.new = not run_entries(path)
+    folder.new = not holds_run(path)
     folder.previous_entries = {entry.name for entry in path.iterdir()} - {LOCK}
     if continuing:
         carry_over(folder)
     elif source is not None:
         folder.forked_from = str(source.resolve())
-    folder.record("running")
-    _held.append(folder)
     return folder
 
 
@@ -232,32 +278,55 @@ def is_checkpoint_of(checkpoint: Path, path: Path) -> bool:
     return checkpoint.resolve().parent == (path / CHECKPOINTS).resolve()
 
 
-def run_entries(path: Path) -> list[str]:
-    """The files and folders of a run that `path` holds."""
-    return [name for name in RUN_FILES if (path / name).exists()] if path.is_dir() else []
+def written_entries(path: Path) -> list[str]:
+    """The names a run writes that `path` holds, links included."""
+    if not path.is_dir():
+        return []
+    return [name for name in WRITTEN if os.path.lexists(path / name)]
+
+
+def holds_run(path: Path) -> bool:
+    """Whether `path` holds a run of this toolkit: a `run.json` it wrote, or (a run from before `run.json`
+    existed) complete checkpoints."""
+    if not path.is_dir():
+        return False
+    record = read_record(path)
+    if record is not None and record.get("status") in STATUSES:
+        return True
+    checkpoints = path / CHECKPOINTS
+    return checkpoints.is_dir() and any((p / "COMPLETE").is_file() for p in checkpoints.glob("step-*"))
 
 
 def run_folder_around(path: Path) -> Path | None:
     """The run folder that `path` lies inside, if any."""
     for parent in path.resolve().parents:
-        if (parent / RECORD).is_file() or (parent / "metrics.jsonl").is_file():
+        if holds_run(parent):
             return parent
     return None
 
 
 def refuse_if_not_free(path: Path, source: Path | None, continuing: bool) -> None:
-    """A new run (fresh or forked) needs a folder that holds no run and lies inside none."""
+    """A new run (fresh or forked) needs a folder that holds no run and none of the files a run writes, and lies
+    inside no run; a continued one, a run or a folder without a run's files."""
+    run_here, entries = holds_run(path), written_entries(path)
     if continuing:
+        if entries and not run_here:
+            raise RunFolderError(f"{path} holds no run to continue, but has {', '.join(entries)}, which a run "
+                                 f"writes there and no run of this toolkit wrote (there is no {RECORD}): move "
+                                 f"{'them' if len(entries) > 1 else 'it'}, or choose another --output-dir")
         return
-    entries = run_entries(path)
-    if entries and source is None:
+    if run_here and source is None:
         raise RunFolderError(f"{path} already holds a run: pass --resume auto to continue it, or choose another "
                              f"--output-dir (it has {', '.join(entries)})")
-    if entries:
+    if run_here:
         source_run = source.parent.parent if source.parent.name == CHECKPOINTS else source
         raise RunFolderError(f"--resume {source} is a checkpoint of the run {source_run}, and --output-dir {path} "
                              f"holds another run: a run continues only from its own checkpoints (--resume auto); "
                              f"to start a new run from {source}, choose a new or empty --output-dir")
+    if entries:
+        raise RunFolderError(f"--output-dir {path} holds {', '.join(entries)}, which a run writes there and no run "
+                             f"of this toolkit wrote (there is no {RECORD}): move "
+                             f"{'them' if len(entries) > 1 else 'it'}, or choose another --output-dir")
     around = run_folder_around(path)
     if around is not None:
         raise RunFolderError(f"--output-dir {path} lies inside the run folder {around}: choose a folder outside "
@@ -299,13 +368,36 @@ def new_default_folder(parent: Path) -> tuple[Path, list[Path]]:
 
 
 # ------------------------------------------------------------------ the lock
+def open_lock_file(path: Path, flags: int) -> int:
+    """The lock file opened in place, never through a link planted there, never blocking on a FIFO; a
+    RunFolderError naming what is there instead of a file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RunFolderError(f"{path} is a symbolic link: a run never writes through a link in its folder; remove "
+                                 f"it (a run makes its own {LOCK})") from None
+        if error.errno == errno.EISDIR:
+            raise RunFolderError(f"{path} is a folder, where a run keeps its lock file: remove it") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):  # opened read-only, a folder gives no EISDIR
+        os.close(fd)
+        raise RunFolderError(f"{path} is a folder, where a run keeps its lock file: remove it")
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RunFolderError(f"{path} is not a regular file (a FIFO, a socket or a device), where a run keeps its "
+                             f"lock file: remove it")
+    return fd
+
+
 def lock(folder: RunFolder) -> None:
     """Take the folder's lock, or raise RunFolderError naming its holder. A lock file still naming a process
     (one that was killed) is taken over, saying so."""
     path = folder.path / LOCK
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_lock_file(path, os.O_RDWR | os.O_CREAT)
         except OSError as error:
             raise RunFolderError(f"cannot write in the run folder {folder.path} ({error.strerror}): choose another "
                                  f"--output-dir") from None
@@ -361,7 +453,7 @@ def process_exists(pid: Any) -> bool:
 def refuse_if_held(path: Path) -> None:
     """Stop at once if a live process holds `path`'s lock; a probe that writes nothing."""
     try:
-        fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_lock_file(path / LOCK, os.O_RDONLY)
     except OSError:  # no lock file (or none readable): nobody holds it
         return
     try:
@@ -395,7 +487,7 @@ def describe(holder: dict[str, Any]) -> str:
 
 def same_file(fd: int, path: Path) -> bool:
     try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
+        return os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
     except FileNotFoundError:
         return False
 
@@ -424,7 +516,7 @@ def carry_over(folder: RunFolder) -> None:
 
 def remove_entries(path: Path, keep: set[str]) -> None:
     """Remove what a run wrote into `path`, keeping the names in `keep` (there before it)."""
-    for name in (*RUN_FILES, LOCK):
+    for name in (*WRITTEN, LOCK):
         if name in keep:
             continue
         entry = path / name
@@ -436,4 +528,3 @@ def remove_entries(path: Path, keep: set[str]) -> None:
 
 def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
-

@@ -56,18 +56,22 @@ class StepTimer:
 
 
 class Efficiency:
-    """Training FLOPs per image and the device's peak, found once (at the first log step, off the training
-    clock), to turn images/s into TFLOP/s and MFU."""
+    """Training FLOPs per image and the device's peak, found once (`measure`, before the training clock starts),
+    to turn images/s into TFLOP/s and MFU."""
 
     def __init__(self, device: torch.device, precision: str, image_size: int) -> None:
         self.device, self.precision, self.image_size = device, precision, image_size
         self.flops_per_image: float | None = None
 
-    def __call__(self, images_per_sec: float) -> dict[str, float]:
+    def measure(self) -> None:
+        """Count the FLOPs and find the peak, once: called before the training clock starts."""
         if self.flops_per_image is None:
             with torch.random.fork_rng(devices=[]):  # a fresh model on the CPU: training's random state untouched
                 self.flops_per_image = float(count_flops(build_model(init="default"), self.image_size)[1])
             peak = peaks.device_peak(self.device, devices.name(self.device), self.precision)
             self.peak, self.peak_source = peak["peak_tflops"], peak["peak_source"]
+
+    def __call__(self, images_per_sec: float) -> dict[str, float]:
+        self.measure()
         achieved = images_per_sec * self.flops_per_image / 1e12
         return {"tflops": achieved, "mfu": achieved / self.peak}

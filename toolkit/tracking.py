@@ -108,6 +108,13 @@ class Trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.flush()
 
+    def close(self) -> None:
+        """Finish every tracker (TensorBoard's background writer included) while the run folder is still there: a
+        run that failed to start has its folder removed next."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
+
 
 class JsonlSink:
     """`metrics.jsonl`: one JSON object per evaluation, flushed to disk as it is written. A resumed run first
@@ -117,7 +124,8 @@ class JsonlSink:
         self.path = path
         if records is not None:
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-        self.file = open(path, "a")
+        # opened in place, never through a link planted there
+        self.file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

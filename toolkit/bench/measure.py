@@ -21,24 +21,24 @@ from toolkit.errors import UserError
 def run_case(case: Case, known: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process. An out-of-memory error makes an `oom` row, any other error an
     `error` row; neither stops a sweep."""
-    from toolkit.train import Trainer
+    from toolkit.train import training_run
 
     row = blank_row(case)
-    trainer = None
     with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as scratch:
         try:
             data_dir, row["data"] = data_for(case, Path(scratch))
-            trainer = Trainer(trainer_config(case, data_dir, Path(scratch) / "run"), quiet=True)
-            device = trainer.accelerator.device
-            row["device_name"] = devices.name(device)
-            row["processes"] = trainer.world_size
-            devices.reset_peak_memory(device)
-            seconds, paired = measure(trainer, case)
-            row["peak_memory"] = devices.peak_memory_bytes(device)
-            row.update(rates(case, seconds, paired, trainer.world_size, known))
-            row.update(peaks.device_peak(device, row["device_name"], case.precision))
-            row["mfu"] = row["achieved_tflops"] / row["peak_tflops"]
-            row["status"] = "ok"
+            with training_run(trainer_config(case, data_dir, Path(scratch) / "run"), quiet=True) as trainer:
+                device = trainer.accelerator.device
+                row["device_name"] = devices.name(device)
+                row["processes"] = trainer.world_size
+                devices.reset_peak_memory(device)
+                seconds, paired = measure(trainer, case)
+                row["peak_memory"] = devices.peak_memory_bytes(device)
+                row.update(rates(case, seconds, paired, trainer.world_size, known))
+                row.update(peaks.device_peak(device, row["device_name"], case.precision))
+                row["mfu"] = row["achieved_tflops"] / row["peak_tflops"]
+                row["status"] = "ok"
+                del trainer  # before emptying the cache: the failed step's tensors must be unreachable first
         except Exception as error:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
             if devices.is_out_of_memory(error):
                 row["status"], row["message"] = "oom", first_line(error)
@@ -46,10 +46,6 @@ def run_case(case: Case, known: dict[str, Any]) -> dict[str, Any]:
                 row["status"], row["message"] = "error", f"{type(error).__name__}: {first_line(error)}"
                 if not isinstance(error, UserError):
                     traceback.print_exc()
-        finally:
-            if trainer is not None:
-                trainer.close()
-    del trainer  # before emptying the cache: the failed step's tensors must be unreachable first
     gc.collect()
     devices.empty_cache(case.device)
     return row

@@ -1,0 +1,177 @@
+"""What a run reports, and where: the console (main process), the trackers of `log_with`, `metrics.jsonl` and the
+run folder's `config.yaml`. The trainer says what happened (`logged`, `evaluated`, `finished`...); the report
+decides what each sink shows, and when a step logs (`should_log`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit import tracking
+from toolkit.assemble import Parts
+from toolkit.checkpoint import TrainProgress
+from toolkit.config import TrainConfig, to_yaml
+from toolkit.console import TrainConsole
+from toolkit.errors import ACCELERATE_LAUNCHED
+from toolkit.files import write_atomic
+from toolkit.rundir import RunFolder
+from toolkit.tracking import JsonlSink
+
+MILESTONES = (0.98, 0.99, 0.995)  # accuracies whose time and images the run notes, reached or not
+
+
+class RunReport:
+    def __init__(self, config: TrainConfig, parts: Parts, folder: RunFolder, console: TrainConsole) -> None:
+        self.config = config
+        self.parts = parts
+        self.folder = folder
+        self.console = console
+        self.main = parts.runtime.is_main
+        self.trackers: tracking.Trackers | None = None
+        self.jsonl: JsonlSink | None = None
+
+    # ------------------------------------------------------------------ the start
+    def begin(self, progress: TrainProgress, facts: dict[str, Any], warnings: list[str], resumed: bool) -> None:
+        """Open the sinks (a resumed run's `metrics.jsonl` and TensorBoard curves continue from its checkpoint: what
+        a killed attempt logged past it goes), write the resolved config, and print the header and the warnings."""
+        config = self.config
+        if self.main:
+            self.console.keep_log(self.folder.console_log)
+            write_atomic(self.folder.config_file, to_yaml(config))
+            self.jsonl = JsonlSink(self.folder.metrics_file, records=progress.history)
+        self.trackers = tracking.Trackers(self.parts.runtime.accelerator, config.trackers, self.folder.path,
+                                          purge_step=progress.step + 1 if resumed else None)
+        self.trackers.log_config(to_yaml(config), config.to_dict())
+        self.console.header(facts, config.to_dict())
+        self.trackers.log_text("run", "\n".join(f"{k}: {v}" for k, v in facts.items()))
+        for warning in warnings:
+            self.console.print(warning)
+
+    def print(self, line: str) -> None:
+        self.console.print(line)
+
+    # ------------------------------------------------------------------ the loop
+    def should_log(self, step: int) -> bool:
+        return step % self.config.log_every_steps == 0
+
+    def epoch_started(self, epoch: int, epoch_step: int) -> None:
+        self.console.epoch_started(epoch, self.config.epochs, self.parts.training.steps_per_epoch, epoch_step)
+
+    def advanced(self, epoch_step: int) -> None:
+        self.console.advance(epoch_step)
+
+    def logged(self, step: int, epoch_step: int, metrics: dict[str, Any], first_window: bool = False) -> None:
+        """A log step: the window's loss (None when no step ran in it), speed, time split and memory. The
+        session's first window holds its warm-up (the first steps' kernel choices), and says so."""
+        self.console.log(epoch_step, metrics, first_window)
+        if metrics["train/loss"] is not None:
+            self.trackers.log(metrics, step)
+
+    def skipped(self, count: int, step: int) -> None:
+        """fp16 steps the gradient scaler skipped so far (inf or NaN gradients)."""
+        self.trackers.log({"train/skipped_steps": count}, step)
+
+    def evaluated(self, record: dict[str, Any], images: dict[str, np.ndarray] | None) -> None:
+        """An evaluation's record (metrics.jsonl, the console, the trackers' curves) and, on the main process, its
+        pictures (`images`)."""
+        step = record["step"]
+        self.trackers.log({"eval/loss": record["eval_loss"], "eval/accuracy": record["eval_accuracy"],
+                           "train/epoch_loss": record["train_loss"],
+                           "perf/epoch_images_per_sec": record["images_per_sec"]}, step)
+        if images:
+            self.trackers.log_images(images, step)
+        if self.jsonl:
+            self.jsonl.log(record)
+        self.console.evaluated(record)
+
+    def flush(self) -> None:
+        """On disk before a checkpoint: a resume purges what comes after it, and must find all before it."""
+        if self.trackers:
+            self.trackers.flush()
+
+    # ------------------------------------------------------------------ the end
+    def finished(self, ranks: list[dict[str, Any]], stop_line: str | None, summary: dict[str, str],
+                 profile: tuple[Path, str] | None) -> None:
+        self.console.ranks(ranks)
+        if stop_line:
+            self.console.print(stop_line)
+        self.console.summary(summary)
+        if profile:
+            trace, table = profile
+            self.console.print(f"profile of steps {self.config.profile_steps}: {trace} (open in "
+                               f"https://ui.perfetto.dev); top operators by self time:\n{table}")
+
+    def close(self) -> None:
+        """Every sink closed, the trackers' background writers included, while the run folder is still there."""
+        if self.jsonl:
+            self.jsonl.close()
+        if self.trackers:
+            self.trackers.close()
+        self.console.close()
+
+
+def facts(parts: Parts, folder: RunFolder, bytes_per_checkpoint: int, resumed: str | None) -> dict[str, Any]:
+    """The header: where the run runs, on what, and where it writes."""
+    config, run, data = parts.config, parts.runtime, parts.data
+    batch, world, accumulate = parts.images_per_step, run.world_size, min(config.grad_accum_steps, len(data.train))
+    facts = {
+        "device": f"{run.device} ({_device_name(run)})",
+        "precision": f"{run.precision} ({run.precision_source}{launcher_precision_note(run)})",
+        "processes": f"{world} ({run.accelerator.distributed_type.value})",
+        "global batch": f"{parts.global_batch_size} ({batch} x {world}"
+                        + (f" x {accumulate} accumulated)" if accumulate > 1 else ")"),
+        "parameters": f"{sum(p.numel() for p in parts.training.network.parameters()):,}",
+        "steps/epoch": parts.training.steps_per_epoch,
+        "data": data.source,
+        "evaluated on": data.description,
+        "checkpoints": (f"{bytes_per_checkpoint / 1e9:.2f} GB each; the newest {config.keep_last} and the best are "
+                        f"kept" if config.save_checkpoints else "none (save_checkpoints false)"),
+        "run folder": str(folder.path),
+    }
+    if resumed:
+        facts["resumed"] = resumed
+    return facts
+
+
+def _device_name(run: Any) -> str:
+    from toolkit import devices
+
+    return devices.name(run.torch_device)
+
+
+def launcher_precision_note(run: Any) -> str:
+    """Under `accelerate launch` without `--mixed_precision`, the launcher lists `'no'` among the defaults it used:
+    that is only what it was told, and the run's own precision (auto) decided."""
+    if os.environ.get(ACCELERATE_LAUNCHED) == "no" and run.precision_source.startswith("auto"):
+        return "; accelerate launch's `--mixed_precision 'no'` only says it was given none"
+    return ""
+
+
+def milestones(config: TrainConfig) -> tuple[float, ...]:
+    """The accuracies whose time and images the run notes: MILESTONES, and the target if there is one."""
+    return MILESTONES + ((config.target_accuracy,) if config.target_accuracy else ())
+
+
+def summary(progress: TrainProgress, config: TrainConfig, wall_seconds: float, best: Path | None,
+            run_folder: Path, evaluations_a_run: str) -> dict[str, str]:
+    """The end-of-run rows: the best accuracy, the time to each milestone reached, the totals."""
+    rows = {}
+    if progress.best_step >= 0:
+        rows["best eval accuracy"] = (f"{progress.best_accuracy:.2%} at step {progress.best_step}"
+                                      + (f" ({best})" if best else ""))
+    for threshold in milestones(config):
+        reached = progress.reached.get(f"{threshold:g}")
+        if reached:
+            rows[f"time to {threshold:.1%}"] = (f"{reached['train_seconds']:.1f} s training, "
+                                                f"{reached['wall_seconds']:.1f} s wall, "
+                                                f"{reached['images_seen']:,} images (step {reached['step']})")
+    if any(key.startswith("time to") for key in rows):
+        rows["time to ... resolution"] = evaluations_a_run
+    rows["training time"] = (f"{progress.train_seconds:.1f} s ({progress.images_seen:,} images, "
+                             f"{progress.images_seen / max(progress.train_seconds, 1e-9):,.0f} images/s)")
+    rows["wall time"] = f"{wall_seconds:.1f} s"
+    rows["run folder"] = str(run_folder)
+    return rows
