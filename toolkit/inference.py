@@ -100,7 +100,7 @@ def runtime(config: TrainConfig, meta: dict[str, Any], precision_flag: str | Non
     device = devices.resolve(config.device)
     precision, note = choose_precision(device, precision_flag, meta.get("precision"))
     accelerator = devices.build_accelerator(device, precision, config.dist_timeout_s)
-    devices.configure(device, config.deterministic, config.cpu_threads, accelerator.num_processes)
+    devices.configure(device, config.deterministic, config.cpu_threads, accelerator.num_processes, tf32=config.tf32)
     return Runtime(accelerator=accelerator, device=device, precision=precision, note=note)
 
 
