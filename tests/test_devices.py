@@ -240,3 +240,117 @@ def test_deterministic_cuda_sets_the_cublas_workspace_first(process_switches, mo
 def test_deterministic_elsewhere_leaves_cublas_alone(process_switches):
     devices.configure("mps", deterministic=True, cpu_threads=0, local_processes=1)
     assert process_switches == [(True, None)] and devices.CUBLAS_WORKSPACE_ENV not in os.environ
+
+
+def test_cuda_pools_natively_unless_deterministic_and_mps_only_where_sizes_divide(monkeypatch):
+    assert devices.adaptive_pool_is_native("cuda", (3, 3), (5, 5))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not devices.adaptive_pool_is_native(torch.device("cuda", 0), (3, 3), (5, 5))
+    assert devices.adaptive_pool_is_native("cpu", (3, 7), (5, 5))
+    # MPS: a multiple of the output, or a divisor of it, on both axes, and both axes on the same side
+    assert [devices.adaptive_pool_is_native("mps", (n, n), (5, 5)) for n in range(1, 16)] == \
+        [n in (1, 5, 10, 15) for n in range(1, 16)]
+    assert devices.adaptive_pool_is_native("mps", (10, 15), (5, 5))
+    assert not devices.adaptive_pool_is_native("mps", (10, 12), (5, 5))
+    assert devices.adaptive_pool_is_native("mps", (1, 5), (5, 5))
+    assert not devices.adaptive_pool_is_native("mps", (2, 10), (5, 5))  # one axis smaller, the other larger
+
+
+@pytest.mark.parametrize("device, optimizer, precision, honours", [
+    ("cpu", "adamw", "no", True), ("cpu", "sgd", "bf16", True), ("cuda", "adamw", "bf16", True),
+    ("cuda", "sgd", "no", True),
+    ("cuda", "sgd", "fp16", False),  # not fused under fp16 (see has_fused_optimizers): nothing reads found_inf
+    ("mps", "adamw", "no", False), ("mps", "sgd", "bf16", False),  # fused, but MPS's kernels ignore or refuse it
+])
+def test_which_optimizers_skip_an_update_on_the_device(device, optimizer, precision, honours):
+    assert devices.honours_found_inf(device, optimizer, precision) is honours
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_cpu_fused_optimizers_skip_the_update_when_told_found_inf(optimizer):
+    param = torch.nn.Parameter(torch.ones(4))
+    kind = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    step = kind([param], lr=0.1, fused=devices.honours_found_inf("cpu", optimizer))
+    param.grad = torch.ones(4)
+    step.found_inf = torch.ones(())  # as the trainer sets it after a non-finite loss
+    step.step()
+    assert torch.equal(param.detach(), torch.ones(4))
+    step.found_inf = torch.zeros(())
+    step.step()
+    assert (param.detach() < 1).all()
+    # only fused kernels read it: the others assert it is unset
+    unfused = kind([param], lr=0.1, foreach=False)
+    unfused.found_inf = torch.ones(())
+    with pytest.raises(AssertionError, match="found_inf"):
+        unfused.step()
+
+
+@pytest.fixture
+def thread_count(monkeypatch):
+    """configure("cpu", ...) with 2 usable cores, recording the thread count it sets."""
+    counts = []
+    monkeypatch.setattr(devices, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: None)
+    monkeypatch.setattr(devices, "_keep_freed_memory", lambda: None)
+    return counts
+
+
+def test_cpu_threads_are_bounded_by_the_cores_with_a_note(thread_count):
+    assert devices.configure("cpu", deterministic=False, cpu_threads=0, local_processes=1) == []
+    assert devices.configure("cpu", deterministic=False, cpu_threads=0, local_processes=2) == []
+    assert devices.configure("cpu", deterministic=False, cpu_threads=2, local_processes=1) == []
+    notes = devices.configure("cpu", deterministic=False, cpu_threads=100_000, local_processes=1)
+    assert notes == ["cpu_threads: 100000 is more than the 2 cores this process may run on; using 2"]
+    assert thread_count == [2, 1, 2, 2]
+
+
+@pytest.fixture
+def tf32_flags(monkeypatch):
+    """The two process-wide TF32 flags, restored after the test (through the same flags configure sets)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: None)
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def test_tf32_is_set_for_matmuls_and_convolutions_on_cuda(tf32_flags):
+    assert devices.configure("cuda", deterministic=False, cpu_threads=0, local_processes=1) == []
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # on by default
+    assert torch.get_float32_matmul_precision() == "high"  # still readable: inductor reads it when compiling
+    devices.configure("cuda", deterministic=False, cpu_threads=0, local_processes=1, tf32=False)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_the_header_and_the_peak_follow_the_tf32_setting(monkeypatch):
+    from toolkit import peaks
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    assert devices.describe_precision("cuda", "no", tf32=True) == "fp32 on TF32 tensor cores"
+    assert devices.describe_precision("cuda", "no", tf32=False) == "fp32"
+    assert peaks.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "no", tf32=True) == (494.7, "H100 SXM datasheet, tf32 dense")
+    assert peaks.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "no", tf32=False) == (66.9, "H100 SXM datasheet, fp32 dense")
+    assert devices.describe_precision("cuda", "bf16", tf32=True) == "bf16 autocast, fp32 weights"
+    assert devices.describe_precision("mps", "no") == devices.describe_precision("cpu", "no") == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no TF32
+    assert devices.describe_precision("cuda", "no", tf32=True) == "fp32"
+    assert peaks.gpu_peak_tflops("Tesla T4", "no", tf32=True) == (8.1, "T4 datasheet, fp32 dense")
+
+
+def test_more_processes_than_gpus_are_refused_before_accelerate_starts(monkeypatch):
+    from toolkit.errors import UserError
+
+    monkeypatch.setattr(devices, "Accelerator", lambda **kwargs: pytest.fail("reached Accelerate"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # launch/multi_gpu.yaml on a 2-GPU machine
+    with pytest.raises(UserError) as error:
+        devices.build_accelerator("cuda", "bf16")
+    assert str(error.value) == ("8 processes were started on this machine and it has 2 GPUs visible: start at most "
+                                "one per GPU (accelerate launch --num_processes 2 ...)")
+    assert error.value.exit_code == 2 and error.value.same_on_every_machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    devices.check_gpus_for_processes("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    devices.check_gpus_for_processes("cpu")  # processes share the CPU (gloo)

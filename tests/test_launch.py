@@ -57,3 +57,28 @@ def test_one_cpu_process_through_launch_cpu_yaml_as_a_module(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "processes: 1 (NO)" in result.stdout and "step 2/" in result.stdout
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+
+
+def _resolved_launch(monkeypatch, gpus: int, *flags: str):
+    """What `accelerate launch --config_file launch/multi_gpu.yaml FLAGS` resolves to on a machine with `gpus`."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "launch" / "multi_gpu.yaml"), *flags,
+                                               "toolkit/train.py"])
+    return _validate_launch_command(args)[0]
+
+
+def test_multi_gpu_yaml_on_fewer_gpus_is_refused_with_the_count_to_use(monkeypatch):
+    from toolkit.errors import UsageError
+
+    # Accelerate takes the file's count as it is (and refuses a file without one), whatever the machine has
+    launch = _resolved_launch(monkeypatch, 2)
+    assert launch.multi_gpu and launch.num_processes == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(launch.num_processes // launch.num_machines))
+    with pytest.raises(UsageError, match=r"8 processes were started on this machine and it has 2 GPUs visible: "
+                                         r"start at most one per GPU \(accelerate launch --num_processes 2 ...\)"):
+        devices.check_gpus_for_processes("cuda")
+    launch = _resolved_launch(monkeypatch, 2, "--num_processes", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(launch.num_processes))
+    devices.check_gpus_for_processes("cuda")

@@ -94,3 +94,39 @@ def test_a_count_that_is_not_the_expected_one_stops(accelerator):
     batches = [(torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(metrics.EvalCountError, match="evaluated 4 samples across 1 processes, expected exactly 5"):
         metrics.evaluate(Fixed(), batches, accelerator, expected_count=5)
+
+
+# Tensor methods that make the host wait for the device when called on a CUDA or MPS tensor.
+HOST_SYNCS = ("item", "cpu", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """The calls an evaluation makes that would wait for the device, counted on the CPU. torch.bincount fails:
+    it reads its input's largest value to size its output, a sync inside C++ that no count here would see."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("torch.bincount waits for the device"))
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, _counted(getattr(torch.Tensor, name), name, calls))
+    return calls
+
+
+def _counted(method, name: str, calls: list[str]):
+    def counted(self, *args, **kwargs):
+        calls.append(name)
+        return method(self, *args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_evaluation_waits_for_the_device_a_fixed_few_times_whatever_the_batches(accelerator, host_syncs, keep):
+    images, labels, _ = known_answers(70)
+    counts = {}
+    for batch_size in (70, 10):  # 1 batch, then 7
+        host_syncs.clear()
+        batches = EvalBatches(images, labels, batch_size, Preprocess(28, normalize=False))
+        result = metrics.evaluate(ReadsItsAnswer(), batches, accelerator, expected_count=70, keep_misclassified=keep)
+        counts[batch_size] = len(host_syncs)
+        assert result.correct == 60
+    assert counts[70] == counts[10] <= 8, host_syncs  # none in the loop: a few after it, reading the sums

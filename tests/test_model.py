@@ -4,7 +4,16 @@ import pytest
 import torch
 from conftest import REFERENCE_SEED, run_module
 
-from toolkit.model import AlexNet, build_model, count_flops, count_parameters, from_reference_state_dict, init_weights
+from toolkit import devices
+from toolkit.model import (
+    AlexNet,
+    build_model,
+    count_flops,
+    count_parameters,
+    feature_grid,
+    from_reference_state_dict,
+    init_weights,
+)
 
 # The reference network's parameters, in order: (name in the reference's `model` Sequential, shape).
 REFERENCE_PARAMETERS = [
@@ -138,13 +147,84 @@ def test_matmul_pool_equals_adaptive_avg_pool_with_its_gradient(in_size):
 
 
 def test_deterministic_cuda_pools_by_matmul(monkeypatch):
-    import toolkit.model
-
     model = build_model().eval()
     x = torch.rand(2, 1, 96, 96)
     with torch.no_grad():
         native = model(x)
-    monkeypatch.setattr(toolkit.model, "_native_pool_raises", lambda features: True)  # as on CUDA, deterministic
+    # as on CUDA under deterministic algorithms, where the pool's backward raises
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    real = devices.adaptive_pool_is_native
+    monkeypatch.setattr(devices, "adaptive_pool_is_native", lambda device, grid, out: real("cuda", grid, out))
     assert _pool_calls(model, 96) == 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), native, rtol=0, atol=1e-6)
+
+
+NATIVE_POOL = torch.nn.functional.adaptive_avg_pool2d
+
+# Issue 18, on a Mac: these image sizes crashed in the pool (training, evaluation, prediction, bench); 65-96,
+# 193-224 and 353-384 px ran.
+MPS_CRASHED = set(range(97, 193)) | set(range(225, 353)) | set(range(385, 513))
+
+
+def mps_kernel_pool(x: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d with the checks MPS's kernel makes first (`set_kernel_params` in
+    aten/src/ATen/native/mps/operations/AdaptivePooling.mm), standing in for MPS on the CPU."""
+    (in_h, in_w), (out_h, out_w) = x.shape[-2:], torch.nn.modules.utils._pair(output_size)
+    if not ((in_h >= out_h and in_w >= out_w) or (in_h <= out_h and in_w <= out_w)):
+        raise NotImplementedError("Adaptive pool MPS: Input height and width must both be greater than, ...")
+    if in_h >= out_h and (in_h % out_h or in_w % out_w):
+        raise NotImplementedError("Adaptive pool MPS: input sizes must be divisible by output sizes. ...")
+    if in_h < out_h and (out_h % in_h or out_w % in_w):
+        raise NotImplementedError("Adaptive pool MPS: output sizes must be divisible by input sizes. ...")
+    return NATIVE_POOL(x, output_size)
+
+
+@pytest.fixture(scope="module")
+def network() -> AlexNet:
+    """One network for the tests that only read it (building one takes about half a second)."""
+    return AlexNet().eval()
+
+
+@pytest.fixture
+def as_on_mps(monkeypatch):
+    """The model's device decisions made for MPS, and the pool failing where MPS's does."""
+    real = devices.adaptive_pool_is_native
+    monkeypatch.setattr(devices, "adaptive_pool_is_native", lambda device, grid, out: real("mps", grid, out))
+    monkeypatch.setattr(torch.nn.functional, "adaptive_avg_pool2d", mps_kernel_pool)
+
+
+def test_mps_pools_natively_exactly_at_the_sizes_that_ran(network):
+    for size in range(65, 513):
+        grid = feature_grid(network.features, size)
+        assert devices.adaptive_pool_is_native("mps", (grid, grid), (5, 5)) is (size not in MPS_CRASHED), size
+        assert devices.adaptive_pool_is_native("cpu", (grid, grid), (5, 5))
+
+
+def _pooled_with_gradient(pool, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    pooled = pool(x)
+    (grad,) = torch.autograd.grad(pooled.square().sum(), x)
+    return pooled.detach(), grad
+
+
+def test_every_size_pools_on_mps_as_the_native_pool_does_on_the_cpu(network, as_on_mps):
+    grids = {feature_grid(network.features, size) for size in range(65, 513)}
+    assert grids == set(range(1, 15))
+    for grid in sorted(grids):
+        x = torch.randn(2, 3, grid, grid)
+        if grid not in (1, 5, 10):
+            with pytest.raises(NotImplementedError):
+                mps_kernel_pool(x, 5)  # the stand-in refuses where MPS does
+        pooled, grad = _pooled_with_gradient(network.pool, x)
+        expected, expected_grad = _pooled_with_gradient(lambda t: NATIVE_POOL(t, 5), x)
+        torch.testing.assert_close(pooled, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_the_model_runs_on_mps_at_a_size_that_crashed(network, as_on_mps):
+    # the pool's backward at every size is checked above; here, that the forward pass goes through it
+    x = torch.rand(1, 1, 112, 112)  # 3x3 features: MPS's own pool refuses 3 -> 5
+    with torch.no_grad():
+        features = network.features(x)
+        torch.testing.assert_close(network(x), network.classifier(NATIVE_POOL(features, 5)), rtol=1e-5, atol=1e-6)

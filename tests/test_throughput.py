@@ -22,7 +22,7 @@ def test_step_timer_splits_each_step_into_data_and_step_time():
 
 
 def test_efficiency_is_images_per_second_times_flops_over_the_peak(monkeypatch):
-    monkeypatch.setattr(peaks, "device_peak", lambda device, name, precision: {
+    monkeypatch.setattr(peaks, "device_peak", lambda device, name, precision, tf32: {
         "peak_tflops": 2.0, "peak_source": "test", "matmul_tflops": 2.0})
     efficiency = Efficiency(torch.device("cpu"), "no", image_size=65)
     result = efficiency(1000.0)

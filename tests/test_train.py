@@ -65,7 +65,7 @@ def test_console_without_a_terminal_is_plain_lines(trained):
     assert "\x1b[" not in out  # no control codes in logs
     assert "epoch 1/2 step 10/63 loss" in out
     assert "epoch 2/2 done: train loss" in out
-    assert "precision: bf16" in out or "precision: no" in out
+    assert "precision: bf16 autocast, fp32 weights (auto for cpu)" in out or "precision: fp32 (auto for cpu)" in out
     assert "parameters: 46,764,746" in out
     config_line = next(line for line in out.splitlines() if line.startswith("config: "))
     assert "data_dir=" in config_line and "resume=" in config_line  # one line however long: never wrapped

@@ -73,7 +73,8 @@ def runtime(config: TrainConfig, precision: tuple[str, str] | None = None, note:
     if config.compile:
         devices.check_compile(device)
     accelerator = devices.build_accelerator(device, chosen, config.dist_timeout_s)
-    notes = devices.configure(device, config.deterministic, config.cpu_threads, local_processes()) or []
+    notes = [f"note: {line}" for line in devices.configure(device, config.deterministic, config.cpu_threads,
+                                                           local_processes(), tf32=config.tf32)]
     return Runtime(accelerator=accelerator, device=device, precision=chosen, precision_source=source,
                    notes=tuple([note] if note else []) + tuple(notes), peers=peers())
 
@@ -167,9 +168,10 @@ def training(config: TrainConfig, run: Runtime, data: Data) -> Training:
     wrapped, optimizer = run.accelerator.prepare(network, optimizer)
     # compiled around the DDP wrapper, whose hooks it then keeps (DDPOptimizer)
     model = torch.compile(wrapped) if config.compile else wrapped
-    # A fused optimizer skips an update on the device when told the loss was not finite; under fp16 the gradient
-    # scaler does that itself (and sets the flag for each step).
-    skip_on_device = getattr(optimizer, "_step_supports_amp_scaling", False) and run.accelerator.scaler is None
+    # A fused optimizer skips an update on the device when told the loss was not finite (where its kernel reads
+    # the flag: not on MPS, see devices.honours_found_inf); under fp16 the gradient scaler does that itself.
+    skip_on_device = devices.honours_found_inf(run.device, config.optimizer, run.precision) \
+        and run.accelerator.scaler is None
     average = WeightAverage(network, config.ema_decay) if config.ema_decay else None
     set_seed(config.seed + run.rank)  # each process its own dropout and augmentation stream
     return Training(network=network, model=model, optimizer=optimizer, schedule=schedule, average=average,

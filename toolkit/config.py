@@ -54,7 +54,7 @@ RESUMABLE_CHANGES = frozenset({
     "data_dir", "download", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_last", "resume",
     "dist_timeout_s", "cpu_threads", "max_steps", "compile", "eval_every_steps", "target_accuracy",
     "early_stop_patience", "time_limit", "profile_steps", "log_with", "eval_batch_size", "deterministic",
-    "save_checkpoints",
+    "save_checkpoints", "tf32",
     # where it runs: another device continues the same recipe (its random state re-seeded, said so)
     "device",
     # compared as resolved by the trainer (auto may be the checkpoint's bf16): listed once, there
@@ -187,6 +187,9 @@ class TrainConfig:
     precision: str = _option("auto", "no, fp16 or bf16; auto = `accelerate launch --mixed_precision` if given, "
                                      "else what the device does natively (bf16 on recent GPUs and CPUs)",
                              choices=PRECISIONS)
+    tf32: bool = _option(True, "fp32 convolutions and matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 "
+                               "sums; several times faster); only matters on CUDA GPUs from Ampere on, in fp32 "
+                               "(precision no)")
     channels_last: str = _option("auto", "channels-last memory format: auto (on for CPU and CUDA, off for MPS), "
                                          "true or false", choices=("auto", "true", "false"))
     compile: bool = _option(False, "torch.compile the model: a slower first step, faster steps after (a run "

@@ -1,5 +1,7 @@
 """Everything that differs between CPU, CUDA and MPS lives here: which devices exist, what precision each
-does, memory format, thread count, synchronisation and clocks, timing events, memory figures and random state."""
+does (TF32 included), which kernels each lacks (the adaptive pool, optimizers that skip a step on the device),
+processes per GPU, memory format, thread count, synchronisation and clocks, timing events, memory figures and
+random state."""
 
 from __future__ import annotations
 
@@ -143,6 +145,36 @@ def use_channels_last(device: str, setting: str = "auto") -> bool:
     return device != "mps"
 
 
+def adaptive_pool_is_native(device: torch.device | str, in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """Whether `F.adaptive_avg_pool2d` from `in_size` (h, w) to `out_size` runs forward and backward on `device`;
+    where it does not, the model computes the same averages by matrix products.
+
+    - CUDA with deterministic algorithms: its backward adds with atomics and raises.
+    - MPS: see `_mps_pools`.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return not torch.are_deterministic_algorithms_enabled()
+    if kind == "mps":
+        return _mps_pools(in_size, out_size)
+    return True
+
+
+def _mps_pools(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """MPS's rule, from `set_kernel_params` in aten/src/ATen/native/mps/operations/AdaptivePooling.mm (every torch
+    release to 2.14; pytorch#96056 is open, pytorch#192413 would lift it). MPS pools with one stride and kernel
+    size through avg_pool2d, so it raises (NotImplementedError; a RuntimeError in older releases), in forward and
+    in backward, unless either the input is at least the output on both axes and each input size is a multiple of
+    the output size, or the input is at most the output on both axes and each output size is a multiple of the
+    input size. The op has an MPS kernel, so PYTORCH_ENABLE_MPS_FALLBACK does not send it to the CPU."""
+    (in_h, in_w), (out_h, out_w) = in_size, out_size
+    if in_h >= out_h and in_w >= out_w:
+        return in_h % out_h == 0 and in_w % out_w == 0
+    if in_h <= out_h and in_w <= out_w:
+        return out_h % in_h == 0 and out_w % in_w == 0
+    return False
+
+
 def has_fused_optimizers(device: str, optimizer: str = "", precision: str = "no") -> bool:
     """Whether `optimizer` ("adamw" or "sgd") can update all parameters in one fused kernel on `device` when
     training in `precision`. Without an optimizer: whether the device has fused optimizer kernels at all.
@@ -167,6 +199,28 @@ def has_fused_optimizers(device: str, optimizer: str = "", precision: str = "no"
     if device == "mps":
         return precision != "fp16" and _torch_at_least(FUSED_ON_MPS_SINCE[optimizer])
     return not (optimizer == "sgd" and precision == "fp16")
+
+
+def honours_found_inf(device: str, optimizer: str, precision: str = "no") -> bool:
+    """Whether the optimizer `build_optimizer` makes for (`device`, `optimizer`, `precision`) skips its update on
+    the device when its `found_inf` attribute holds 1.0: then a step whose loss was not finite can be skipped
+    without a host sync. Where it is False the update is applied, and the run stops at its next sync point,
+    which comes before any checkpoint.
+
+    Only fused kernels read `found_inf` (the for-loop and foreach paths assert it is None, torch/optim/adam.py
+    and sgd.py). Of those:
+    - CPU: `_fused_adam_kernel_cpu_` and `_fused_sgd_kernel_cpu_` return before touching anything
+      (aten/src/ATen/native/FusedAdam.cpp, FusedSGD.cpp); tests/test_devices.py runs them.
+    - CUDA: each block of the fused Adam(W) and SGD functors returns first
+      (aten/src/ATen/native/cuda/fused_adam_utils.cuh, FusedSgdKernel.cu).
+    - MPS: fused Adam(W) passes neither `grad_scale` nor `found_inf` to its Metal kernel
+      (aten/src/ATen/native/mps/operations/FusedAdamWKernelImpl.mm: `multi_tensor_apply_for_fused_adam(...)`
+      without them), so it updates anyway, and then torch/optim/adam.py's `_fused_adam` subtracts `found_inf`
+      from the step counts, which leaves them behind the applied updates; fused SGD refuses both ("grad_scale and
+      found_inf are not supported on MPS", FusedSgdKernel.mm), so setting it would fail every step.
+      pytorch#186360 (2026) makes both read them; not relied on here, as the release that has it is not pinned.
+    """
+    return device != "mps" and has_fused_optimizers(device, optimizer, precision)
 
 
 def check_compile(device: str) -> None:
@@ -195,9 +249,33 @@ def check_compile(device: str) -> None:
                          "install the triton version your torch names, or turn compile off")
 
 
+class TooFewGPUs(UsageError):
+    """Every process of the machine meets it alike; each machine's first process reports it (machines may differ)."""
+
+    same_on_every_rank = False
+    same_on_every_machine = True
+
+
+def check_gpus_for_processes(device: str) -> None:
+    """Refuse, in every process of this machine, to start more processes on it than it has GPUs.
+
+    `launch/multi_gpu.yaml` has to name a process count (Accelerate refuses a config file without one: "You need
+    to manually pass in `--num_processes`"); on a machine with fewer GPUs, the processes past the last GPU would
+    die in Accelerate's `torch.cuda.set_device` with "CUDA error: invalid device ordinal" and a traceback each."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device != "cuda" or processes <= 1:
+        return
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise TooFewGPUs(f"{processes} processes were started on this machine and it has {gpus} GPU"
+                         f"{'' if gpus == 1 else 's'} visible: start at most one per GPU "
+                         f"(accelerate launch --num_processes {gpus} ...)")
+
+
 def build_accelerator(device: str, precision: str, timeout_s: int = 600) -> Accelerator:
     """An Accelerator on `device` (already resolved) in `precision`; the process-group timeout bounds how
     long a rank waits for a dead peer."""
+    check_gpus_for_processes(device)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
     if accelerator.device.type != device:
@@ -206,8 +284,10 @@ def build_accelerator(device: str, precision: str, timeout_s: int = 600) -> Acce
     return accelerator
 
 
-def configure(device: str, deterministic: bool, cpu_threads: int, local_processes: int) -> None:
-    """Process-wide switches: determinism, cuDNN autotuning and the CPU thread count.
+def configure(device: str, deterministic: bool, cpu_threads: int, local_processes: int,
+              tf32: bool = True) -> list[str]:
+    """Process-wide switches: determinism, cuDNN autotuning, TF32 and the CPU thread count. Returns notes for
+    the user, one line each (a thread count lowered to the cores there are), for the caller to print.
 
     Deterministic on CUDA sets CUBLAS_WORKSPACE_CONFIG (PyTorch raises on a cuBLAS call without it). It must be
     set before the process's first cuBLAS call: PyTorch reads it once, when it allocates the first cuBLAS
@@ -215,8 +295,10 @@ def configure(device: str, deterministic: bool, cpu_threads: int, local_processe
     `build_accelerator` and before the model is built: building the Accelerator only sets the device and joins
     the process group, which makes no cuBLAS call.
 
-    `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which halves CPU training speed on a
-    2-core machine: on the CPU the thread count is set here explicitly."""
+    `tf32` on CUDA (see `set_tf32`). `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which
+    halves CPU training speed on a 2-core machine: on the CPU the thread count is set here explicitly, at most
+    the cores this process may run on (far more threads than cores crashed torch at 100,000 and took minutes
+    a step at 1,000)."""
     if device == "cuda" and deterministic:
         workspace = os.environ.setdefault(CUBLAS_WORKSPACE_ENV, DETERMINISTIC_CUBLAS_WORKSPACES[0])
         if workspace not in DETERMINISTIC_CUBLAS_WORKSPACES:
@@ -224,11 +306,49 @@ def configure(device: str, deterministic: bool, cpu_threads: int, local_processe
                              f"{' or '.join(DETERMINISTIC_CUBLAS_WORKSPACES)}, and the environment sets it to "
                              f"'{workspace}': unset it, or turn deterministic off")
     torch.use_deterministic_algorithms(deterministic)
+    notes = []
     if device == "cuda":
         torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: autotuning pays off
+        set_tf32(tf32)
     if device == "cpu":
-        torch.set_num_threads(cpu_threads or max(1, _usable_cores() // max(1, local_processes)))
+        cores = _usable_cores()
+        threads = cpu_threads or max(1, cores // max(1, local_processes))
+        if threads > cores:
+            notes.append(f"cpu_threads: {cpu_threads} is more than the {cores} cores this process may run on; "
+                         f"using {cores}")
+            threads = cores
+        torch.set_num_threads(threads)
         _keep_freed_memory()
+    return notes
+
+
+def set_tf32(enabled: bool) -> None:
+    """fp32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa inputs, fp32 accumulation) on Ampere and
+    newer, or in full fp32. PyTorch's defaults differ: TF32 for cuDNN convolutions, full fp32 for cuBLAS matmuls.
+
+    Set through the `allow_tf32` flags, which keep both APIs readable: once the newer per-backend
+    `fp32_precision` settings are written, torch (2.14 checked) raises on reading the flags and on
+    `torch.get_float32_matmul_precision()`, which inductor calls when compiling ("mix of the legacy and new
+    APIs")."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def uses_tf32(device: torch.device | str, precision: str, tf32: bool) -> bool:
+    """Whether training computes on TF32 tensor cores: fp32 (`precision` "no") on a CUDA GPU that has them
+    (Ampere, compute capability 8.0, and newer) with `tf32` on."""
+    if torch.device(device).type != "cuda" or precision != "no" or not tf32:
+        return False
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+
+
+def describe_precision(device: torch.device | str, precision: str, tf32: bool = True) -> str:
+    """The compute precision in words, for a run's header."""
+    if precision == "bf16":
+        return "bf16 autocast, fp32 weights"
+    if precision == "fp16":
+        return "fp16 autocast, fp32 weights, loss scaling"
+    return "fp32 on TF32 tensor cores" if uses_tf32(device, precision, tf32) else "fp32"
 
 
 def _keep_freed_memory() -> None:

@@ -68,6 +68,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     device = accelerator.device
     loss_sum = torch.zeros((), dtype=devices.widest_float(device), device=device)
     confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=device)
+    cells = torch.arange(NUM_CLASSES * NUM_CLASSES, device=device)  # (100,) the confusion matrix, flattened
     predictions: list[torch.Tensor] = []  # with K > 0: (B,) per batch, and the labels beside them
     seen_labels: list[torch.Tensor] = []
     with accelerator.autocast():
@@ -75,7 +76,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             logits = model(images).float()
             predicted = logits.argmax(dim=1)  # (B,)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(loss_sum.dtype)
-            confusion += torch.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES * NUM_CLASSES)
+            # each answer's cell, counted against every cell: (B, 100) -> (100,). A fixed-size sum never waits for
+            # the host; torch.bincount reads the largest value to size its output (a host sync per batch on CUDA,
+            # two on MPS).
+            confusion += ((labels * NUM_CLASSES + predicted)[:, None] == cells).sum(dim=0)
             if keep_misclassified:
                 predictions.append(predicted)
                 seen_labels.append(labels)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from toolkit import devices
+
 NUM_CLASSES = 10
 IN_CHANNELS = 1
 # The last max-pool leaves 256 x 5 x 5 = 6400 features at 224 px; the classifier is sized for that grid.
@@ -21,8 +23,7 @@ INIT_SCHEMES = ("kaiming", "default")
 
 class AlexNet(nn.Module):
     """The reference network, with an adaptive pool before the classifier so it takes any input size the
-    convolutions can. At 224 px the features are already 5x5 and the pool is skipped: it would be an identity,
-    and under `torch.use_deterministic_algorithms` its backward raises on CUDA.
+    convolutions can (see `pool`).
 
     Parameter names map one to one onto the reference's single `model` Sequential:
     reference `model.{i}` is `features.{i}` for i <= 12 and `classifier.{i - 13}` after that
@@ -57,20 +58,19 @@ class AlexNet(nn.Module):
                 f"AlexNet needs inputs of at least {self.min_input_size}x{self.min_input_size} pixels, "
                 f"got {x.shape[-2]}x{x.shape[-1]}"
             )
-        features = self.features(x)
-        if features.shape[-2:] != (POOLED_GRID, POOLED_GRID):
-            # adaptive_avg_pool2d's CUDA backward adds with atomics and raises under deterministic algorithms;
-            # two small matrix products compute the same averages with a deterministic backward.
-            if _native_pool_raises(features):
-                features = adaptive_avg_pool_by_matmul(features, POOLED_GRID)
-            else:
-                features = self.avgpool(features)
-        return self.classifier(features)
+        return self.classifier(self.pool(self.features(x)))
 
-
-def _native_pool_raises(x: torch.Tensor) -> bool:
-    """Whether AdaptiveAvgPool2d's backward would raise on `x`: on CUDA, with deterministic algorithms on."""
-    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 256, h, w) -> (N, 256, 5, 5). At 224 px the features are 5x5 already and the pool, an identity,
+        is skipped. Where the device's own adaptive pool cannot run (on MPS at most sizes, on CUDA under
+        deterministic algorithms: `devices.adaptive_pool_is_native`), two small matrix products compute the same
+        averages."""
+        grid = (features.shape[-2], features.shape[-1])
+        if grid == (POOLED_GRID, POOLED_GRID):
+            return features
+        if devices.adaptive_pool_is_native(features.device, grid, (POOLED_GRID, POOLED_GRID)):
+            return self.avgpool(features)
+        return adaptive_avg_pool_by_matmul(features, POOLED_GRID)
 
 
 def adaptive_avg_pool_matrix(in_size: int, out_size: int, device: torch.device | str | None = None,
@@ -90,20 +90,21 @@ def adaptive_avg_pool_by_matmul(x: torch.Tensor, out_size: int) -> torch.Tensor:
     return rows @ x @ cols.T
 
 
+def feature_grid(features: nn.Sequential, size: int) -> int:
+    """The side of the feature map `features` makes of a square input of `size` pixels (0 if nothing is left)."""
+    for layer in features:
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
+            kernel, stride, padding = (_first(getattr(layer, a)) for a in ("kernel_size", "stride", "padding"))
+            size = (size + 2 * padding - kernel) // stride + 1
+            if size < 1:
+                return 0
+    return size
+
+
 def smallest_input_size(features: nn.Sequential) -> int:
     """The smallest square input that leaves at least one pixel after every convolution and pooling."""
-
-    def output_size(size: int) -> int:
-        for layer in features:
-            if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
-                kernel, stride, padding = (_first(getattr(layer, a)) for a in ("kernel_size", "stride", "padding"))
-                size = (size + 2 * padding - kernel) // stride + 1
-                if size < 1:
-                    return 0
-        return size
-
     size = 1
-    while output_size(size) < 1:
+    while feature_grid(features, size) < 1:
         size += 1
     return size
 

@@ -19,8 +19,9 @@ MATMUL_TRIALS = 3
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets and architecture whitepapers, matched against
-# torch.cuda.get_device_name() in order (more specific names first). `tf32` is what fp32 convolutions run at
-# while torch.backends.cudnn.allow_tf32 is on, PyTorch's default; convolutions are ~95% of this network's FLOPs.
+# torch.cuda.get_device_name() in order (more specific names first). `tf32` is what fp32 training runs at with
+# the `tf32` setting on (the default; `devices.set_tf32` turns it on for convolutions and matmuls alike), `fp32`
+# with it off. GPUs without TF32 (before Ampere) have no `tf32` entry: fp32 is their peak either way.
 # GeForce cards: fp16/bf16 tensor cores with fp32 accumulation (what autocast does), half their fp16-accumulate
 # rate. A GPU not listed gets its measured matmul rate as the peak, marked as such.
 GPU_PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
@@ -44,14 +45,15 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
 )
 
 
-def gpu_peak_tflops(device_name: str, precision: str) -> tuple[float, str] | None:
-    """(dense peak TFLOP/s, where it comes from) for a known NVIDIA GPU, else None."""
+def gpu_peak_tflops(device_name: str, precision: str, tf32: bool = True) -> tuple[float, str] | None:
+    """(dense peak TFLOP/s, where it comes from) for a known NVIDIA GPU, else None. fp32 (`precision` "no")
+    counts at the TF32 peak when the run's `tf32` setting is on."""
     for pattern, label, peaks in GPU_PEAK_TFLOPS:
         if re.search(pattern, device_name, re.IGNORECASE):
             if precision in ("bf16", "fp16"):
                 kind = precision
             else:
-                kind = "tf32" if torch.backends.cudnn.allow_tf32 and "tf32" in peaks else "fp32"
+                kind = "tf32" if tf32 and "tf32" in peaks else "fp32"
             if kind not in peaks:
                 return None
             return peaks[kind], f"{label} datasheet, {kind} dense"
@@ -83,10 +85,11 @@ def measure_matmul_tflops(device: torch.device, precision: str) -> float:
     return 2 * size ** 3 * count / best / 1e12
 
 
-def device_peak(device: torch.device, device_name: str, precision: str) -> dict[str, Any]:
-    """The peak that MFU is a fraction of, where it comes from, and the matmul measured here either way."""
+def device_peak(device: torch.device, device_name: str, precision: str, tf32: bool = True) -> dict[str, Any]:
+    """The peak that MFU is a fraction of, where it comes from, and the matmul measured here either way (on CUDA
+    in fp32 under the same TF32 setting as the run, which `devices.configure` has applied)."""
     measured = measure_matmul_tflops(device, precision)
-    listed = gpu_peak_tflops(device_name, precision) if device.type == "cuda" else None
+    listed = gpu_peak_tflops(device_name, precision, tf32) if device.type == "cuda" else None
     size = MATMUL_SIZE[device.type]
     peak, source = listed or (measured, f"measured {size}x{size} matmul, {precision}")
     return {"peak_tflops": peak, "peak_source": source, "matmul_tflops": measured}

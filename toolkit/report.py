@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit import tracking
+from toolkit import devices, tracking
 from toolkit.assemble import Parts
 from toolkit.checkpoint import TrainProgress
 from toolkit.config import TrainConfig, to_yaml
@@ -118,8 +118,9 @@ def facts(parts: Parts, folder: RunFolder, bytes_per_checkpoint: int, resumed: s
     config, run, data = parts.config, parts.runtime, parts.data
     batch, world, accumulate = parts.images_per_step, run.world_size, min(config.grad_accum_steps, len(data.train))
     facts = {
-        "device": f"{run.device} ({_device_name(run)})",
-        "precision": f"{run.precision} ({run.precision_source}{launcher_precision_note(run)})",
+        "device": f"{run.device} ({devices.name(run.torch_device)})",
+        "precision": f"{devices.describe_precision(run.torch_device, run.precision, config.tf32)} "
+                     f"({run.precision_source}{launcher_precision_note(run)})",
         "processes": f"{world} ({run.accelerator.distributed_type.value})",
         "global batch": f"{parts.global_batch_size} ({batch} x {world}"
                         + (f" x {accumulate} accumulated)" if accumulate > 1 else ")"),
@@ -134,12 +135,6 @@ def facts(parts: Parts, folder: RunFolder, bytes_per_checkpoint: int, resumed: s
     if resumed:
         facts["resumed"] = resumed
     return facts
-
-
-def _device_name(run: Any) -> str:
-    from toolkit import devices
-
-    return devices.name(run.torch_device)
 
 
 def launcher_precision_note(run: Any) -> str:

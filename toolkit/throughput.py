@@ -59,8 +59,8 @@ class Efficiency:
     """Training FLOPs per image and the device's peak, found once (`measure`, before the training clock starts),
     to turn images/s into TFLOP/s and MFU."""
 
-    def __init__(self, device: torch.device, precision: str, image_size: int) -> None:
-        self.device, self.precision, self.image_size = device, precision, image_size
+    def __init__(self, device: torch.device, precision: str, image_size: int, tf32: bool = True) -> None:
+        self.device, self.precision, self.image_size, self.tf32 = device, precision, image_size, tf32
         self.flops_per_image: float | None = None
 
     def measure(self) -> None:
@@ -68,7 +68,7 @@ class Efficiency:
         if self.flops_per_image is None:
             with torch.random.fork_rng(devices=[]):  # a fresh model on the CPU: training's random state untouched
                 self.flops_per_image = float(count_flops(build_model(init="default"), self.image_size)[1])
-            peak = peaks.device_peak(self.device, devices.name(self.device), self.precision)
+            peak = peaks.device_peak(self.device, devices.name(self.device), self.precision, self.tf32)
             self.peak, self.peak_source = peak["peak_tflops"], peak["peak_source"]
 
     def __call__(self, images_per_sec: float) -> dict[str, float]:

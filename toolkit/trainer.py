@@ -70,7 +70,7 @@ class Trainer:
         self.clock = RunClock(device)
         self.tally = StepTally(device)
         self.timer = StepTimer(device)
-        self.efficiency = Efficiency(device, parts.runtime.precision, config.image_size)
+        self.efficiency = Efficiency(device, parts.runtime.precision, config.image_size, config.tf32)
         self.profiler = StepProfiler(config.profile_range if parts.runtime.is_main else None, folder.profile, device)
         self.last_evaluated_step = -1
 

@@ -35,7 +35,7 @@ def run_case(case: Case, known: dict[str, Any]) -> dict[str, Any]:
                 seconds, paired = measure(trainer, case)
                 row["peak_memory"] = devices.peak_memory_bytes(device)
                 row.update(rates(case, seconds, paired, trainer.world_size, known))
-                row.update(peaks.device_peak(device, row["device_name"], case.precision))
+                row.update(peaks.device_peak(device, row["device_name"], case.precision, trainer.config.tf32))
                 row["mfu"] = row["achieved_tflops"] / row["peak_tflops"]
                 row["status"] = "ok"
                 del trainer  # before emptying the cache: the failed step's tensors must be unreachable first
