@@ -29,6 +29,13 @@ def world(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "latin1.yaml").write_bytes("lr: 0.1  # caf\xe9\n".encode("latin-1"))
     (tmp_path / "folder.yaml").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "b.yaml").write_text("epochs: 2\n")
+    (tmp_path / "dup.yaml").write_text("lr: 0.1\nlr: 0.2\n")
+    (tmp_path / "two.yaml").write_text("lr: 0.1\n---\nepochs: 2\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "exp1").mkdir()  # a user's experiment folder, with their own commented config in it
+    (tmp_path / "exp1" / "config.yaml").write_text("# my settings\nlr: 0.001\n")
     (tmp_path / "results.json").write_text(json.dumps({"results": [
         {"device": "cpu", "mode": "train", "pipeline": "model", "image_size": 65, "batch_size": 2,
          "precision": "no", "channels_last": True, "compile": False, "status": "ok", "images_per_sec": None,
@@ -56,7 +63,8 @@ def broken_mnist(root: Path, change: str) -> Path:
     return root
 
 
-# (case, command, argv (with {tmp}, {run}, {checkpoint} filled in), exit code, text the error line holds)
+LONG = "n" * 300  # a file name longer than any filesystem here takes (255 bytes)
+# (case, command, argv (with {tmp}, {run}, {checkpoint}, {long} filled in), exit code, text the error line holds)
 CASES = [
     ("config not UTF-8", train, ["--config", "{tmp}/latin1.yaml"], 2, "is not UTF-8 text"),
     ("config a folder", train, ["--config", "{tmp}/folder.yaml"], 2, "is a folder: give a YAML file"),
@@ -88,6 +96,55 @@ CASES = [
      "cannot write in /proc"),
     ("bench --compare null fields", bench, ["--compare", "{tmp}/results.json", "{tmp}/results.json"], 2,
      "results.json"),
+    # --- round 2: numbers without a sane bound, values that look like flags, configs given twice
+    ("timeout that overflows", train, ["--dist-timeout-s", "99999999999999999999"], 2,
+     "dist_timeout_s: must be at most 604800"),
+    ("threads beyond any machine", train, ["--cpu-threads", "100000"], 2, "cpu_threads: must be at most 4096"),
+    ("shift beyond the image", train, ["--shift-px", "100"], 2, "shift_px: must be at most 14"),
+    ("shift 1e308", train, ["--shift-px", "1e308"], 2, "shift_px: must be at most 14"),
+    ("lr 1e308", train, ["--lr", "1e308"], 2, "lr: must be at most 10"),
+    ("negative duration after its flag", train, ["--time-limit", "-5s"], 2, "time_limit: '-5s' is not a duration"),
+    ("minus infinity after its flag", train, ["--lr", "-inf"], 2, "lr: expected a finite number, got -inf"),
+    ("two --config flags", train, ["--config", "{tmp}/a.yaml", "--config", "{tmp}/b.yaml"], 2,
+     "--config given twice"),
+    ("a key twice in a file", train, ["--config", "{tmp}/dup.yaml"], 2, "lr is set twice (lines 1 and 2)"),
+    ("two YAML documents", train, ["--config", "{tmp}/two.yaml"], 2, "holds 2 YAML documents"),
+    # --- names longer than the filesystem takes
+    ("output dir name too long", train, ["--output-dir", "{tmp}/{long}"], 2, "a file name is too long"),
+    ("resume name too long", train, ["--resume", "{tmp}/{long}", "--output-dir", "{tmp}/x"], 2,
+     "a file name is too long"),
+    ("data dir name too long", train, ["--data-dir", "{tmp}/{long}", "--output-dir", "{tmp}/x"], 2,
+     "a file name is too long"),
+    ("evaluate --json name too long", evaluate, ["--checkpoint", "{run}", "--json", "{tmp}/{long}.json"], 2,
+     "a file name is too long"),
+    ("evaluate --plots name too long", evaluate, ["--checkpoint", "{run}", "--plots", "{tmp}/{long}"], 2,
+     "a file name is too long"),
+    ("export --output name too long", export, ["--checkpoint", "{run}", "--format", "torchscript", "--output",
+                                               "{tmp}/{long}.pt"], 2, "a file name is too long"),
+    ("predict image name too long", predict, ["--checkpoint", "{run}", "{tmp}/{long}.png"], 2,
+     "a file name is too long"),
+    ("predict --checkpoint name too long", predict, ["--checkpoint", "{tmp}/{long}", "{tmp}/a-file"], 2,
+     "a file name is too long"),
+    # --- what a folder is, said as it is
+    ("data dir a file", train, ["--data-dir", "{tmp}/a-file", "--output-dir", "{tmp}/x"], 1,
+     "the data folder {tmp}/a-file is a file"),
+    ("MNIST missing, no download", train, ["--data-dir", "{tmp}/empty", "--no-download", "--output-dir", "{tmp}/x"],
+     1, "MNIST not found in {tmp}/empty/MNIST/raw: put"),
+    ("resume a folder that is not there", train, ["--resume", "{tmp}/nothing", "--output-dir", "{tmp}/x"], 1,
+     "{tmp}/nothing does not exist"),
+    ("resume an empty folder", train, ["--resume", "{tmp}/empty", "--output-dir", "{tmp}/x"], 1,
+     "{tmp}/empty is an empty folder, not a checkpoint"),
+    ("resume a run folder", train, ["--resume", "{run}", "--output-dir", "{tmp}/x"], 1,
+     "{run} is a run folder, not a checkpoint: continue it with --resume auto --output-dir {run}"),
+    ("resume a checkpoints folder", train, ["--resume", "{run}/checkpoints", "--output-dir", "{tmp}/x"], 1,
+     "{run}/checkpoints holds checkpoints, and is none: give one of them, e.g. {checkpoint}"),
+    # --- a user's own files where a run would write: never overwritten, whatever the advice
+    ("a user's config.yaml in the output dir", train, ["--config", "{tmp}/exp1/config.yaml", "--output-dir",
+                                                        "{tmp}/exp1"], 2,
+     "--output-dir {tmp}/exp1 holds config.yaml, which a run writes there and no run of this toolkit wrote"),
+    ("--resume auto into a user's folder", train, ["--config", "{tmp}/exp1/config.yaml", "--output-dir",
+                                                    "{tmp}/exp1", "--resume", "auto"], 2,
+     "{tmp}/exp1 holds no run to continue, but has config.yaml"),
 ]
 
 
@@ -99,12 +156,12 @@ def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command,
     for arg in argv:
         if arg.startswith("{mnist:"):
             arg = str(broken_mnist(world["tmp"] / "mnist", arg[len("{mnist:"):-1]))
-        filled.append(arg.format(tmp=world["tmp"], run=world["run"], checkpoint=world["checkpoint"]))
-    before = snapshot(world["run"])
+        filled.append(arg.format(tmp=world["tmp"], run=world["run"], checkpoint=world["checkpoint"], long=LONG))
+    before = snapshot(world["tmp"])
     with accelerate_state():
         line = one_error_line(capsys, command.main, filled, code=code)
-    assert text in line, line
-    assert "Traceback" not in line
-    assert snapshot(world["run"]) == before
+    assert text.format(tmp=world["tmp"], run=world["run"], checkpoint=world["checkpoint"]) in line, line
+    assert "Traceback" not in line and len(line) < 1000
+    assert snapshot(world["tmp"]) == before  # every file as it was, and none added
     # a training that failed before its first step leaves no run folder behind
     assert not (world["tmp"] / "x").exists() and not (world["tmp"] / "huge").exists()

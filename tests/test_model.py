@@ -11,6 +11,7 @@ from toolkit.model import (
     count_flops,
     count_parameters,
     feature_grid,
+    flops_per_image,
     from_reference_state_dict,
     init_weights,
 )
@@ -86,6 +87,9 @@ def test_flops_per_image_match_the_reference_figures():
     forward, step = count_flops(AlexNet(), 224)
     assert round(forward / 1e9, 3) == 1.876
     assert round(step / 1e9, 2) == 5.56
+    # counted on the meta device (no arithmetic), the same figures, at any size in milliseconds
+    assert flops_per_image(224) == (forward, step)
+    assert flops_per_image(4096)[1] > 300 * step
 
 
 def test_kaiming_init_zero_biases_and_default_init_untouched():

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from toolkit import devices, peaks
-from toolkit.model import build_model, count_flops
+from toolkit.model import flops_per_image
 
 
 class StepTimer:
@@ -66,8 +66,7 @@ class Efficiency:
     def measure(self) -> None:
         """Count the FLOPs and find the peak, once: called before the training clock starts."""
         if self.flops_per_image is None:
-            with torch.random.fork_rng(devices=[]):  # a fresh model on the CPU: training's random state untouched
-                self.flops_per_image = float(count_flops(build_model(init="default"), self.image_size)[1])
+            self.flops_per_image = float(flops_per_image(self.image_size)[1])
             peak = peaks.device_peak(self.device, devices.name(self.device), self.precision, self.tf32)
             self.peak, self.peak_source = peak["peak_tflops"], peak["peak_source"]
 

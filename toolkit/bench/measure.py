@@ -111,7 +111,7 @@ def flops_per_image(image_size: int, known: dict[str, Any]) -> tuple[int, int]:
     """(forward, training step) FLOPs per image, counted once per image size and passed on to later workers."""
     key = f"flops:{image_size}"
     if key not in known:
-        from toolkit.model import build_model, count_flops
+        from toolkit.model import flops_per_image as count
 
-        known[key] = list(count_flops(build_model(), image_size))
+        known[key] = list(count(image_size))
     return tuple(known[key])  # type: ignore[return-value]
