@@ -33,9 +33,10 @@ def save_checkpoint(directory: Path, weights: dict[str, torch.Tensor] | None = N
 
 def one_error_line(capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], int], argv: list[str],
                    code: int = 1) -> str:
-    """Run a command in-process: it must exit with `code` and write exactly one line to stderr (no traceback)."""
+    """Run a command in-process as its command line does (`raise SystemExit(main())`): it must exit with `code`
+    and write exactly one line to stderr (no traceback)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        raise SystemExit(main(argv))
     assert exit_info.value.code == code
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines

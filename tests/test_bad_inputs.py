@@ -7,6 +7,7 @@ signals) are in test_rundir.py, test_resume.py, test_export.py and test_distribu
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def world(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "latin1.yaml").write_bytes("lr: 0.1  # caf\xe9\n".encode("latin-1"))
     (tmp_path / "folder.yaml").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
+    os.mkfifo(tmp_path / "fifo.png")  # reading it would wait forever for a writer
     (tmp_path / "results.json").write_text(json.dumps({"results": [
         {"device": "cpu", "mode": "train", "pipeline": "model", "image_size": 65, "batch_size": 2,
          "precision": "no", "channels_last": True, "compile": False, "status": "ok", "images_per_sec": None,
@@ -77,6 +79,14 @@ CASES = [
      "precision 'fp16'"),
     ("predict fp16 on the CPU", predict, ["--checkpoint", "{run}", "--device", "cpu", "--precision", "fp16",
                                           "{tmp}/a-file"], 2, "precision 'fp16'"),
+    ("predict a FIFO", predict, ["--checkpoint", "{run}", "--device", "cpu", "{tmp}/fifo.png"], 1,
+     "fifo.png: a named pipe (FIFO), not a regular file: not read"),
+    ("predict a device", predict, ["--checkpoint", "{run}", "--device", "cpu", "/dev/zero"], 1,
+     "/dev/zero: a character device, not a regular file: not read"),
+    ("export --format twice", export, ["--checkpoint", "{run}", "--format", "onnx", "--format", "torchscript",
+                                       "--output", "{tmp}/m.onnx"], 2, "--format given 2 times (onnx, torchscript)"),
+    ("export TorchScript as .onnx", export, ["--checkpoint", "{run}", "--format", "torchscript", "--output",
+                                             "{tmp}/m.onnx"], 2, ".onnx names ONNX files"),
     ("export over its own weights", export, ["--checkpoint", "{run}", "--format", "torchscript", "--output",
                                              "{checkpoint}/model.safetensors"], 2, "it would be overwritten"),
     ("evaluate --json a folder", evaluate, ["--checkpoint", "{run}", "--json", "{tmp}/folder.yaml"], 2,
@@ -90,7 +100,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, command, argv, code, text", CASES, ids=[c[0] for c in CASES])
+# Cases the quick tier already covers in a fraction of a second (test_inference.py, test_export.py): here, whole,
+# they cost a full-size checkpoint saved and read, seconds each.
+SLOW_CASES = {"predict a FIFO", "predict a device", "export --format twice", "export TorchScript as .onnx"}
+
+
+@pytest.mark.parametrize("case, command, argv, code, text", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES])
 def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command, argv, code, text):
     if "{mnist:" in " ".join(argv) and mnist_root() is None:
         pytest.skip("MNIST is not on this machine (the broken copies are made from it): set TOOLKIT_DATA_DIR")
@@ -105,5 +121,5 @@ def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command,
     assert text in line, line
     assert "Traceback" not in line
     assert snapshot(world["run"]) == before
-    # a training that failed before its first step leaves no run folder behind
-    assert not (world["tmp"] / "x").exists() and not (world["tmp"] / "huge").exists()
+    # a training that failed before its first step leaves no run folder behind; a refused export, no file
+    assert not any((world["tmp"] / name).exists() for name in ("x", "huge", "m.onnx"))
