@@ -7,11 +7,13 @@ signals) are in test_rundir.py, test_resume.py, test_export.py and test_distribu
 from __future__ import annotations
 
 import json
+import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import accelerate_state, mnist_root
+from conftest import accelerate_state, mnist_root, scratch_dir
 from inference_cases import one_error_line, save_checkpoint, snapshot
 
 from toolkit import evaluate, export, predict, train
@@ -19,9 +21,15 @@ from toolkit.bench import cli as bench
 from toolkit.data import MNIST_FILES
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> dict[str, Path]:
-    """A user's files: a run folder with a complete checkpoint, bad config files, broken MNIST copies."""
+@pytest.fixture(scope="module")
+def world(request) -> Iterator[dict[str, Path]]:
+    """A user's files: a run folder with a complete checkpoint, bad config files, broken MNIST copies; made once
+    for the module, since no case may change them (each checks it)."""
+    with scratch_dir(request, "world") as tmp_path:
+        yield make_world(tmp_path)
+
+
+def make_world(tmp_path: Path) -> dict[str, Path]:
     run = tmp_path / "run"
     folder = save_checkpoint(run / "checkpoints")
     (run / "config.yaml").write_text("image_size: 65\n")
@@ -36,6 +44,7 @@ def world(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "empty").mkdir()
     (tmp_path / "exp1").mkdir()  # a user's experiment folder, with their own commented config in it
     (tmp_path / "exp1" / "config.yaml").write_text("# my settings\nlr: 0.001\n")
+    os.mkfifo(tmp_path / "fifo.png")  # reading it would wait forever for a writer
     (tmp_path / "results.json").write_text(json.dumps({"results": [
         {"device": "cpu", "mode": "train", "pipeline": "model", "image_size": 65, "batch_size": 2,
          "precision": "no", "channels_last": True, "compile": False, "status": "ok", "images_per_sec": None,
@@ -86,6 +95,14 @@ CASES = [
      "precision 'fp16'"),
     ("predict fp16 on the CPU", predict, ["--checkpoint", "{run}", "--device", "cpu", "--precision", "fp16",
                                           "{tmp}/a-file"], 2, "precision 'fp16'"),
+    ("predict a FIFO", predict, ["--checkpoint", "{run}", "--device", "cpu", "{tmp}/fifo.png"], 1,
+     "fifo.png: a named pipe (FIFO), not a regular file: not read"),
+    ("predict a device", predict, ["--checkpoint", "{run}", "--device", "cpu", "/dev/zero"], 1,
+     "/dev/zero: a character device, not a regular file: not read"),
+    ("export --format twice", export, ["--checkpoint", "{run}", "--format", "onnx", "--format", "torchscript",
+                                       "--output", "{tmp}/m.onnx"], 2, "--format given 2 times (onnx, torchscript)"),
+    ("export TorchScript as .onnx", export, ["--checkpoint", "{run}", "--format", "torchscript", "--output",
+                                             "{tmp}/m.onnx"], 2, ".onnx names ONNX files"),
     ("export over its own weights", export, ["--checkpoint", "{run}", "--format", "torchscript", "--output",
                                              "{checkpoint}/model.safetensors"], 2, "it would be overwritten"),
     ("evaluate --json a folder", evaluate, ["--checkpoint", "{run}", "--json", "{tmp}/folder.yaml"], 2,
@@ -148,14 +165,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, command, argv, code, text", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command, argv, code, text):
+# Cases the quick tier already covers in a fraction of a second (test_inference.py, test_export.py): here, whole,
+# they cost a full-size checkpoint saved and read, seconds each.
+SLOW_CASES = {"predict a FIFO", "predict a device", "export --format twice", "export TorchScript as .onnx"}
+
+
+@pytest.mark.parametrize("case, command, argv, code, text", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES])
+def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, capsys, case, command, argv, code, text):
     if "{mnist:" in " ".join(argv) and mnist_root() is None:
         pytest.skip("MNIST is not on this machine (the broken copies are made from it): set TOOLKIT_DATA_DIR")
     filled = []
     for arg in argv:
         if arg.startswith("{mnist:"):
-            arg = str(broken_mnist(world["tmp"] / "mnist", arg[len("{mnist:"):-1]))
+            arg = str(broken_mnist(tmp_path / "mnist", arg[len("{mnist:"):-1]))
         filled.append(arg.format(tmp=world["tmp"], run=world["run"], checkpoint=world["checkpoint"], long=LONG))
     before = snapshot(world["tmp"])
     with accelerate_state():
@@ -163,5 +186,3 @@ def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command,
     assert text.format(tmp=world["tmp"], run=world["run"], checkpoint=world["checkpoint"]) in line, line
     assert "Traceback" not in line and len(line) < 1000
     assert snapshot(world["tmp"]) == before  # every file as it was, and none added
-    # a training that failed before its first step leaves no run folder behind
-    assert not (world["tmp"] / "x").exists() and not (world["tmp"] / "huge").exists()

@@ -201,6 +201,25 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "invalid choice: 'tflite'" in line
 
 
+def test_a_repeated_format_or_an_extension_of_the_other_format_is_refused_before_any_work(tmp_path, capsys):
+    missing = str(tmp_path / "no-checkpoint")  # never read: the refusal comes first
+    for argv, expected in (
+            (["--format", "onnx", "--format", "torchscript", "--output", "m.onnx"],
+             "--format given 2 times (onnx, torchscript): one export per command; run it once per format"),
+            (["--format", "torchscript", "--format", "torchscript", "--output", "m.pt"],
+             "--format given 2 times (torchscript, torchscript): one export per command; run it once per format"),
+            (["--format", "torchscript", "--output", "served/m.onnx"],
+             "--output served/m.onnx: .onnx names ONNX files, and --format torchscript writes TorchScript: name it "
+             "m.pt, or give --format onnx"),
+            (["--format", "onnx", "--output", "m.PTH"],
+             "--output m.PTH: .pth names TorchScript files, and --format onnx writes ONNX: name it m.onnx, or give "
+             "--format torchscript")):
+        line = one_error_line(capsys, export.main, ["--checkpoint", missing, *argv], code=2)
+        assert line == f"toolkit.export: error: {expected}"
+    for kind, output in (("onnx", "m.onnx"), ("torchscript", "m.pt"), ("torchscript", "m.bin"), ("onnx", "model")):
+        export.check_extension(kind, output)  # its own extension, or one that says nothing: accepted
+
+
 def test_onnx_without_its_packages_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export, "ONNX_PACKAGES", ("onnx", "onnxscript", "no_such_package_for_this_test"))
     line = one_error_line(capsys, export.main, ["--checkpoint", str(tmp_path), "--format", "onnx",

@@ -5,6 +5,7 @@ Each command's own behaviour is in test_evaluate.py, test_predict.py and test_ex
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from toolkit import devices, evaluate, export, inference, predict
+from toolkit.data import load_mnist
 from toolkit.errors import UsageError
 from toolkit.files import Outputs
 
@@ -79,7 +81,7 @@ def test_only_the_checkpoints_own_precision_falls_back_to_auto_and_says_so(monke
                     f"({devices.precision_problem('cpu', 'fp16')}): using auto, {auto}")
 
 
-def test_read_image_prepares_any_image_as_mnist(tmp_path):
+def test_read_image_decodes_any_image_into_grey(tmp_path):
     digit = torch.randint(0, 256, (28, 28), dtype=torch.uint8).numpy()
     Image.fromarray(digit).convert("RGB").save(tmp_path / "rgb.png")
     Image.fromarray(digit.astype("uint16") * 257).save(tmp_path / "16bit.png")
@@ -87,12 +89,106 @@ def test_read_image_prepares_any_image_as_mnist(tmp_path):
     rgba.putalpha(Image.fromarray(digit))  # dark strokes on a transparent page
     rgba.save(tmp_path / "transparent.png")
     Image.new("L", (20, 40), 255).save(tmp_path / "tall.png")
-    for name in ("rgb.png", "16bit.png"):
-        assert torch.equal(inference.read_image(tmp_path / name), torch.from_numpy(digit)), name
-    flattened = inference.read_image(tmp_path / "transparent.png", invert=True)  # onto white, then inverted
+    for name in ("rgb.png", "16bit.png"):  # as read: neither inverted nor framed
+        assert torch.equal(inference.read_image(tmp_path / name, invert=False, center=False).image,
+                           torch.from_numpy(digit)), name
+    flattened = inference.read_image(tmp_path / "transparent.png", invert=True, center=False).image  # white, inverted
     assert (flattened[digit == 0] == 0).all()
-    tall = inference.read_image(tmp_path / "tall.png")  # 14 x 28 after fitting: black bars left and right
-    assert tall.shape == (28, 28) and (tall[:, :6] == 0).all() and (tall[:, 10:18] == 255).all()
+    tall = inference.read_image(tmp_path / "tall.png", invert=False, center=False)  # 14 x 28: black bars each side
+    assert tall.image.shape == (28, 28) and (tall.image[:, :6] == 0).all() and (tall.image[:, 10:18] == 255).all()
+    assert (tall.framing, tall.box, tall.scale) == ("--no-center: fitted into 28x28", None, None)
+
+
+def test_transparent_strokes_are_flattened_onto_the_paper_they_contrast_with(tmp_path):
+    for ink, name in ((0, "dark"), (255, "light")):
+        page = Image.new("RGBA", (60, 60), (0, 0, 0, 0))  # transparent, and black beneath: invisible dark strokes
+        page.paste(Image.new("RGBA", (8, 40), (ink, ink, ink, 255)), (20, 10))
+        page.save(tmp_path / f"{name}.png")
+        prepared = inference.read_image(tmp_path / f"{name}.png")
+        assert prepared.inverted == (ink == 0), prepared  # dark strokes: flattened onto white, then inverted
+        assert prepared.box == (20, 10, 28, 50) and prepared.image.max() == 255
+
+
+def test_mnist_images_are_left_exactly_as_they_are_either_way_up(mnist, tmp_path):
+    images, _ = load_mnist(mnist, train=False, download=False)
+    for image in images[:300]:  # all 70,000 MNIST images pass (docs/inference.md); 300 keep this test quick
+        assert inference.polarity(image, None)[0] is False and inference.polarity(255 - image, None)[0] is True
+        assert inference.frame(image)[:2] == (image, "already framed as MNIST's: left as it is")
+    for i, image in enumerate(images[:4]):  # and through the files predict reads
+        Image.fromarray(image.numpy()).save(tmp_path / f"{i}.png")
+        Image.fromarray(255 - image.numpy()).save(tmp_path / f"{i}-inverted.png")
+        for name, inverted in ((f"{i}.png", False), (f"{i}-inverted.png", True)):
+            prepared = inference.read_image(tmp_path / name)
+            assert torch.equal(prepared.image, image) and prepared.inverted == inverted, name
+            assert prepared.polarity.startswith("auto: background ") and prepared.box is None
+
+
+def photo(width: int = 90, height: int = 60, paper: int = 180, ink: int = 40) -> torch.Tensor:
+    """uint8 (height, width): grey paper, a dark bar 6 wide and 30 tall at x 50-56, y 20-50, a dark speck."""
+    image = torch.full((height, width), paper, dtype=torch.uint8)
+    image[20:50, 50:56] = ink
+    image[3, 5] = ink  # one pixel of dust: not the digit
+    return image
+
+
+def test_polarity_is_told_by_the_background_unless_forced():
+    assert inference.polarity(photo(), None)[0] is True  # dark on light paper
+    assert inference.polarity(255 - photo(), None)[0] is False  # chalk on a blackboard
+    assert inference.polarity(photo(), False) == (False, "--no-invert")
+    assert inference.polarity(255 - photo(), True) == (True, "--invert")
+    inverted, why = inference.polarity(torch.full((28, 28), 90, dtype=torch.uint8), None)
+    assert not inverted and why.startswith("auto: one grey level (90)")
+
+
+def test_a_photo_is_levelled_cropped_to_the_ink_fitted_in_20x20_and_centred_by_mass(tmp_path):
+    noisy = (photo().float() + torch.randn(60, 90, generator=torch.Generator().manual_seed(0)) * 6).round()
+    Image.fromarray(noisy.clamp(0, 255).to(torch.uint8).numpy()).save(tmp_path / "photo.png")
+    prepared = inference.read_image(tmp_path / "photo.png")
+    assert prepared.inverted and prepared.box == (50, 20, 56, 50)  # the bar, not the speck
+    assert prepared.scale == pytest.approx(20 / 30, abs=1e-4)
+    image = prepared.image.float()
+    rows, columns = (image > 0).any(1).nonzero(), (image > 0).any(0).nonzero()
+    assert int(rows[-1] - rows[0]) + 1 == 20 and int(columns[-1] - columns[0]) + 1 == 4  # 30 x 6 -> 20 x 4
+    assert all(abs(centre - 14) <= 0.5 for centre in inference.centre_of_mass(image))
+    assert (image > 0).sum() == 80 and (image[image > 0] > 200).float().mean() > 0.5  # paper black, ink solid
+    assert prepared.to_json() == {"inverted": True, "polarity": prepared.polarity, "box": [50, 20, 56, 50],
+                                  "framing": "levelled, cropped to the ink, fitted in 20x20, centred by mass",
+                                  "scale": prepared.scale, "note": None}
+    assert prepared.summary() == "inverted, ink 6x30 px x0.67"
+    blank = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 200).save(blank)
+    assert inference.read_image(blank).framing == "no ink found: fitted into 28x28"
+
+
+def test_an_animation_is_read_at_its_first_frame_with_a_note(tmp_path):
+    frames = [Image.fromarray(photo(paper=paper).numpy()) for paper in (180, 120, 220)]
+    frames[0].save(tmp_path / "digits.gif", save_all=True, append_images=frames[1:])
+    prepared = inference.read_image(tmp_path / "digits.gif")
+    assert prepared.note == "only frame 1 of 3 read" and prepared.summary().endswith(", only frame 1 of 3 read")
+    single = tmp_path / "digit.gif"
+    frames[0].save(single)
+    assert torch.equal(inference.read_image(single).image, prepared.image) and inference.read_image(single).note == ""
+
+
+def test_image_files_names_what_it_does_not_read(tmp_path):
+    folder = tmp_path / "scans"
+    (folder / "old").mkdir(parents=True)
+    for name in ("b.png", "a.png"):
+        (folder / name).write_bytes(b"")
+    os.mkfifo(folder / "pipe.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "empty" / "only-a-folder").mkdir(parents=True)
+    files, errors, skipped = inference.image_files([folder, tmp_path / "missing.png", tmp_path / "dangling.png",
+                                                    Path("/dev/zero"), tmp_path / "empty"])
+    assert files == [folder / "a.png", folder / "b.png"]
+    assert skipped == [(folder / "old", f"a folder inside {folder}: not read (give it as an IMAGE to read it)"),
+                       (tmp_path / "empty" / "only-a-folder", f"a folder inside {tmp_path / 'empty'}: not read (give "
+                                                              f"it as an IMAGE to read it)")]
+    assert errors == [(folder / "pipe.png", "a named pipe (FIFO), not a regular file: not read"),
+                      (tmp_path / "missing.png", "no such file or folder"),
+                      (tmp_path / "dangling.png", "a link to a missing file"),
+                      (Path("/dev/zero"), "a character device, not a regular file: not read"),
+                      (tmp_path / "empty", "folder holds no files")]
 
 
 def test_an_output_that_is_read_or_lies_in_a_checkpoint_folder_is_refused(run_folder, tmp_path):

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import photo_digits
 import pytest
 import torch
-from conftest import DIGITS, accelerate_state, run_module, scratch_dir
+from conftest import DIGITS, accelerate_state, mnist_root, run_module, scratch_dir
 from inference_cases import full_disk_after, one_error_line, save_checkpoint, snapshot, temporaries
 from PIL import Image
 
 from toolkit import checkpoint, files, inference, predict
+from toolkit.data import Preprocess, load_mnist
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +121,61 @@ def test_a_full_disk_while_writing_the_answers_leaves_no_file(untrained, tmp_pat
     assert line == (f"toolkit.predict: error: could not write {out} (No space left on device): nothing was written; "
                     f"free space, or give another --json")
     assert not (tmp_path / "new").exists() and temporaries(tmp_path) == []
+
+
+# --- a digit from a photo: polarity told by the background, framed as MNIST's ---
+
+PHOTOS = 300  # photo-like digits (tests/photo_digits.py) from the first MNIST test images
+PHOTO_FLOOR = 0.70  # the session's small model read 91.3% of these 300, 85.8% of 2,000 (docs/inference.md)
+
+
+@pytest.mark.slow
+def test_photo_like_digits_are_read_right_with_the_defaults(run_dir, tmp_path):
+    images, labels = load_mnist(mnist_root(), train=False, download=False)
+    photos = photo_digits.write(tmp_path / "photos", images[:PHOTOS], labels[:PHOTOS])
+    answers, result = predict_json(tmp_path, "--checkpoint", str(run_dir), "--device", "cpu", "--precision", "no",
+                                   str(tmp_path / "photos"))
+    assert result.returncode == 0, result.stderr
+    assert [r["file"] for r in answers["predictions"]] == [str(path) for path, _ in photos]
+    right = sum(r["digit"] == label for r, (_, label) in zip(answers["predictions"], photos, strict=True))
+    assert right / PHOTOS >= PHOTO_FLOOR, f"{right}/{PHOTOS}"
+    assert all(r["prepared"]["inverted"] and r["prepared"]["box"] for r in answers["predictions"])
+    assert f"inverted: {PHOTOS} (auto), framed as MNIST" in result.stdout
+    # what predict did before: as read, or inverted, then only fitted into 28x28: the set is no MNIST in disguise
+    loaded = inference.load(run_dir)
+    model = inference.ServingModel(loaded.model, Preprocess(loaded.config.image_size, loaded.config.normalize))
+    for invert in (False, True):
+        _, prepared, _ = inference.read_images([path for path, _ in photos], invert=invert, center=False)
+        with torch.no_grad():
+            digits = model(inference.batch(prepared)).argmax(dim=1)
+        assert (digits == labels[:PHOTOS]).float().mean() < 0.3
+
+
+@pytest.mark.slow  # a full-size checkpoint read and run: seconds
+def test_the_table_and_the_json_say_what_was_done_and_what_was_not_read(untrained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # the table's rows on one line each
+    folder = tmp_path / "scans"
+    (folder / "older").mkdir(parents=True)
+    one = torch.zeros(28, 28, dtype=torch.uint8)
+    one[4:24, 12:16] = 255  # a 1, as MNIST frames it
+    photos = [Image.fromarray(photo_digits.photo_like(one, index=i).numpy()) for i in range(3)]
+    photos[0].save(folder / "a.png")
+    photos[0].save(folder / "b.gif", save_all=True, append_images=photos[1:])  # (GIF drops repeated frames)
+    out = tmp_path / "answers.json"
+    with accelerate_state():
+        assert predict.main(["--checkpoint", str(untrained), "--device", "cpu", str(folder), "--json", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert "images read: 2, inverted: 2 (auto), framed as MNIST" in printed.out
+    assert f"note: {folder / 'older'}: a folder inside {folder}: not read" in printed.out
+    prepared = {line.split()[1]: line.split("│")[-2].strip() for line in printed.out.splitlines()
+                if line.startswith("│")}  # the table's last column
+    assert prepared == {str(folder / "a.png"): "inverted, ink 8x34 px x0.59",
+                        str(folder / "b.gif"): "inverted, ink 8x34 px x0.59, only frame 1 of 3 read"}
+    answers = json.loads(out.read_text())
+    assert (answers["invert"], answers["center"]) == (None, True)
+    assert answers["skipped"] == [{"path": str(folder / "older"), "why": f"a folder inside {folder}: not read "
+                                                                         f"(give it as an IMAGE to read it)"}]
+    first, second = (r["prepared"] for r in answers["predictions"])
+    assert first["inverted"] and first["box"] and first["scale"] and first["note"] is None
+    assert first["polarity"].startswith("auto: background ") and second["note"] == "only frame 1 of 3 read"

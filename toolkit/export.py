@@ -4,7 +4,8 @@
     python -m toolkit.export --checkpoint runs/x --format torchscript --output model.pt
 
 The exported model takes MNIST-style images as they are: input `images`, uint8 (N, 28, 28), 0-255, a white
-digit on black (invert black-on-white scans first; `toolkit.predict` shows how to prepare any image), N free.
+digit on black framed as MNIST's (`toolkit.predict` prepares any image so: `toolkit.inference.read_image`, and
+the sidecar's "preparing_any_image"), N free.
 Inside the graph is the training code's own preprocessing (`toolkit.data.Preprocess`: /255, standardise
 with MNIST's mean and std when the checkpoint was trained so, bilinear resize to its image size), then
 AlexNet, in fp32. Output `logits`: float32 (N, 10), one score per digit 0-9; softmax gives probabilities.
@@ -41,13 +42,16 @@ from toolkit import devices, inference
 from toolkit.checkpoint import tensor_bytes
 from toolkit.config import build_parser
 from toolkit.data import MNIST_MEAN, MNIST_STD, SOURCE_SIZE, DataError, Preprocess, load_mnist, resolve_data_dir
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.errors import UsageError, UserError, exit_on_user_error
 from toolkit.files import Outputs
 from toolkit.inference import ServingModel
 from toolkit.model import NUM_CLASSES
 
 PROG = "toolkit.export"
 FORMATS = ("onnx", "torchscript")
+FORMAT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript"}
+# The extensions each format's files go by: an --output wearing another one would mislead whoever opens it.
+EXTENSIONS = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript")}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # fp32 on the CPU: the same kernels (TorchScript) agree to the bit; ONNX Runtime's convolutions and matrix
 # products sum in another order, which moves logits of magnitude ~5 by a few 1e-6. 1e-4 leaves room for other
@@ -189,7 +193,8 @@ def describe(kind: str, output: Path, folder: Path, preprocess: Preprocess, resu
     return {
         "format": kind, "file": output.name, "checkpoint": str(folder), "torch": torch.__version__,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", SOURCE_SIZE, SOURCE_SIZE],
-                  "range": [0, 255], "layout": "white digit on black, as MNIST (invert black-on-white scans)"},
+                  "range": [0, 255],
+                  "layout": "white digit on black, framed as MNIST's: fitted in 20x20, centred by mass in 28x28"},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", NUM_CLASSES],
                    "meaning": "logits of the digits 0-9; softmax gives probabilities"},
         "inside": {"scale": "x / 255",
@@ -202,18 +207,38 @@ def describe(kind: str, output: Path, folder: Path, preprocess: Preprocess, resu
     }
 
 
+def one_format(formats: list[str]) -> str:
+    """The one --format given: a UsageError for several (argparse would keep the last without a word)."""
+    if len(formats) > 1:
+        raise UsageError(f"--format given {len(formats)} times ({', '.join(formats)}): one export per command; "
+                         f"run it once per format")
+    return formats[0]
+
+
+def check_extension(kind: str, output: str) -> None:
+    """A UsageError when `output`'s extension is the other format's: its file would lie about what it holds."""
+    suffix = Path(output).suffix.lower()
+    other = next((name for name, exts in EXTENSIONS.items() if name != kind and suffix in exts), None)
+    if other:
+        raise UsageError(f"--output {output}: {suffix} names {FORMAT_NAMES[other]} files, and --format {kind} "
+                         f"writes {FORMAT_NAMES[kind]}: name it {Path(output).with_suffix(EXTENSIONS[kind][0]).name}, "
+                         f"or give --format {other}")
+
+
 def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error(PROG), Outputs() as outputs:
         parser = build_parser("python -m toolkit.export", __doc__.splitlines()[0], keys=("data_dir", "cpu_threads"))
         parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
-        parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or torchscript")
+        parser.add_argument("--format", required=True, choices=FORMATS, action="append",
+                            help="onnx (FILE.onnx) or torchscript (FILE.pt); one per command")
         parser.add_argument("--output", required=True,
                             help="file to write (replaced if it exists; missing folders are created), and FILE.json")
         parser.epilog = (f"The model takes uint8 images (N, 28, 28) and returns logits (N, 10); it is checked "
                          f"against PyTorch (|difference| <= {ATOL:g} + {RTOL:g} * |logit|) before it is written.")
         args = vars(parser.parse_args(argv))
-        kind, checkpoint_path = args.pop("format"), args.pop("checkpoint")
-        output = outputs.file(args.pop("output"), "--output")
+        kind, checkpoint_path, output_raw = one_format(args.pop("format")), args.pop("checkpoint"), args.pop("output")
+        check_extension(kind, output_raw)
+        output = outputs.file(output_raw, "--output")
         sidecar = outputs.file(str(output.with_name(output.name + ".json")), "--output")
         if kind == "onnx":
             require_onnx_exporter()

@@ -5,12 +5,14 @@ image as MNIST's are, and the serving model (the training preprocessing, then th
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
@@ -131,50 +133,114 @@ class ServingModel(nn.Module):
 
 # Decoders offered to files from anywhere: the common formats, not every one Pillow knows.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# MNIST's own framing (LeCun et al.): each digit fitted in a 20x20 box keeping its aspect ratio, then placed in
+# 28x28 so that its centre of mass is at the centre. Measured on all 70,000 MNIST images: the ink's box is 20
+# pixels on its longer side (19 for 16 of them), and the centre of mass (0-based pixel coordinates) lies
+# within 13.48-14.5 on both axes.
+MNIST_BOX = 20
+MNIST_CENTRE = 14.0
+MNIST_CENTRE_TOLERANCE = 0.6  # px: placing by whole pixels leaves the centre of mass up to 0.5 px off (MNIST: 0.52)
+EDGE_SHARE = 0.005  # the darkest and the brightest 0.5% of the pixels: the ink's level and the paper's extremes
 IMAGE_PREPARATION = (
-    "EXIF rotation applied; transparent areas flattened onto the background (black, or white with --invert); "
-    "converted to grey (Pillow's ITU-R 601 luma; 16-bit grey scaled to 8 bits); with --invert, 255 - pixel "
-    "(for black-on-white scans); if not 28x28, fitted into 28x28 keeping its aspect ratio (Pillow bilinear, "
-    "which averages when shrinking) and centred on black; then as the training images: /255, standardised "
-    "with MNIST's mean and std if the checkpoint was trained so, bilinear resize to its image size")
+    "EXIF rotation applied; an animated or multi-page image read at its first frame (said so); transparent areas "
+    "flattened onto white when the visible pixels are dark, else black; converted to grey (Pillow's ITU-R 601 "
+    "luma; 16-bit grey scaled to 8 bits). Polarity (--invert / --no-invert force it): 255 - pixel when the "
+    "background (the median of the border pixels) is nearer the brightest pixels than the darkest, so the digit "
+    "is white on black. Framing as MNIST's (--no-center: only fitted into 28x28 keeping its aspect ratio and "
+    "centred on black): an image already framed so (28x28, its non-zero pixels within 20x20 and centred by mass) "
+    "is left as it is; else the paper is levelled to black and the ink to white, the image is cropped to the ink "
+    "(the pixels nearer the ink's level than the background's, isolated specks ignored), fitted in 20x20 keeping "
+    "its aspect ratio (bilinear, antialiased) and placed in 28x28 with its centre of mass at the centre. Then as "
+    "the training images: /255, standardised with MNIST's mean and std if the checkpoint was trained so, "
+    "bilinear resize to its image size")
 
 
 class ImageError(UserError):
     pass
 
 
-def image_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(the files to read, in order, [(path, why it was skipped)]): folders give their files, sorted."""
+@dataclass(frozen=True)
+class Prepared:
+    """One image made into what MNIST's are, and what was done to it."""
+
+    image: torch.Tensor  # uint8 (28, 28), a white digit on black
+    inverted: bool
+    polarity: str  # why it was inverted, or not
+    framing: str  # what was done to place the digit in 28x28
+    box: tuple[int, int, int, int] | None = None  # the ink cropped to, in the image read: left, top, right, bottom
+    scale: float | None = None  # 28x28 pixels per pixel of the image read, when cropped to the ink
+    note: str = ""  # anything else the user should know (only the first frame of an animation read)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inverted": self.inverted, "polarity": self.polarity, "framing": self.framing,
+                "box": list(self.box) if self.box else None, "scale": self.scale, "note": self.note or None}
+
+    def summary(self) -> str:
+        """A few words for the table: inverted or not, how it was framed, the note."""
+        if self.box:
+            width, height = self.box[2] - self.box[0], self.box[3] - self.box[1]
+            framed = f"ink {width}x{height} px x{self.scale:.2g}"
+        else:
+            framed = self.framing.split(":")[0]
+        return ", ".join(part for part in ("inverted" if self.inverted else "", framed, self.note) if part)
+
+
+def image_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(the files to read, in order, [(path, why it cannot be read)], [(folder, why it was not read)]): a folder
+    gives its files, sorted; its sub-folders are named, not read (a folder of folders is seldom one of digits)."""
     files: list[Path] = []
+    errors: list[tuple[Path, str]] = []
     skipped: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file())
-            if not inside:
-                skipped.append((path, "folder holds no files"))
-            files.extend(inside)
+            inside = sorted(path.iterdir())
+            if all(entry.is_dir() for entry in inside):
+                errors.append((path, "folder holds no files"))
+            for entry in inside:
+                if entry.is_dir():
+                    skipped.append((entry, f"a folder inside {path}: not read (give it as an IMAGE to read it)"))
+                elif entry.is_file():
+                    files.append(entry)
+                else:
+                    errors.append((entry, not_a_file(entry)))
         elif path.is_file():
             files.append(path)
         else:
-            skipped.append((path, "no such file or folder"))
-    return files, skipped
+            errors.append((path, not_a_file(path)))
+    return files, errors, skipped
 
 
-def read_image(path: Path, invert: bool = False) -> torch.Tensor:
-    """The image at `path` as MNIST's are: uint8 (28, 28), white digit on black. Raises ImageError."""
-    background = 255 if invert else 0  # the paper's colour before inversion, black after it
+def not_a_file(path: Path) -> str:
+    """Why `path`, neither a folder nor a regular file, is not read: missing, a dangling link, or what it is."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a link to a missing file" if path.is_symlink() else "no such file or folder"
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a file nor a folder")
+    return f"{kind}, not a regular file: not read"
+
+
+def decode(path: Path, invert: bool | None) -> tuple[Image.Image, str]:
+    """(the image at `path` in grey, mode "L", a note): EXIF rotation applied, transparency flattened onto the
+    paper's colour (white when `invert`, black when not, else whichever the visible pixels contrast with).
+    An animation or a multi-page file gives its first frame, with a note saying so. Raises ImageError."""
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as opened:
             opened.load()  # decode now: a truncated file fails here, not halfway through a conversion
+            frames = getattr(opened, "n_frames", 1)
+            note = f"only frame 1 of {frames} read" if frames > 1 else ""  # an animation, a multi-page TIFF
             image = ImageOps.exif_transpose(opened)
             if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
                 # convert("L") would drop alpha and keep whatever colour hides under it (often black)
                 rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (background,) * 3 + (255,)), rgba)
+                paper = (255 if invert else 0) if invert is not None else _paper_behind(rgba)
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (paper,) * 3 + (255,)), rgba)
             elif image.mode.startswith("I"):
                 # 16-bit grey: convert("L") would clip everything above 255 to white
                 image = image.convert("I").point(lambda value: value / 257)
-            grey = image.convert("L")
+            return image.convert("L"), note
     except UnidentifiedImageError:
         raise ImageError(f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image") from None
     except Image.DecompressionBombError as error:
@@ -182,26 +248,150 @@ def read_image(path: Path, invert: bool = False) -> torch.Tensor:
     except Exception as error:  # Pillow reports broken files as OSError, SyntaxError, ValueError, struct.error...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ImageError(f"corrupted or unreadable image ({reason})") from None
-    if invert:
-        grey = ImageOps.invert(grey)
-    if grey.size != (SOURCE_SIZE, SOURCE_SIZE):
-        grey = ImageOps.pad(grey, (SOURCE_SIZE, SOURCE_SIZE), method=Image.Resampling.BILINEAR, color=0)
-    return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(SOURCE_SIZE, SOURCE_SIZE)
 
 
-def read_images(files: list[Path], invert: bool) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
-    """(files read, their images uint8 (N, 28, 28), [(path, why it could not be read)])."""
+def _paper_behind(rgba: Image.Image) -> int:
+    """White when the visible pixels of `rgba` are mostly dark (strokes drawn on a transparent page), else black."""
+    visible = as_tensor(rgba.convert("L"))[as_tensor(rgba.getchannel("A")) >= 128]
+    return 255 if len(visible) and int((visible < 128).sum()) * 2 > len(visible) else 0
+
+
+def as_tensor(grey: Image.Image) -> torch.Tensor:
+    """A mode "L" image as uint8 (H, W)."""
+    return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(grey.height, grey.width)
+
+
+def percentile(histogram: torch.Tensor, share: float) -> int:
+    """The grey level below which `share` of the pixels counted in `histogram` (256 bins) lie."""
+    cumulative = histogram.cumsum(0)
+    return int(torch.searchsorted(cumulative, share * cumulative[-1]).clamp(max=255))
+
+
+def border(grey: torch.Tensor) -> torch.Tensor:
+    """The outermost ring of pixels of uint8 (H, W), flattened: mostly paper, whatever the digit."""
+    return torch.cat([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
+
+
+def polarity(grey: torch.Tensor, invert: bool | None) -> tuple[bool, str]:
+    """(invert, why): `invert` when given; else invert when the background (the border's median) is nearer the
+    brightest pixels than the darkest: then the digit is the dark part."""
+    if invert is not None:
+        return invert, "--invert" if invert else "--no-invert"
+    histogram = torch.bincount(grey.flatten().int(), minlength=256)
+    dark, light = percentile(histogram, EDGE_SHARE), percentile(histogram, 1 - EDGE_SHARE)
+    background = int(border(grey).median())
+    if light - dark < 2:
+        return False, f"auto: one grey level ({background}), nothing to tell the digit by: not inverted"
+    if background - dark > light - background:
+        return True, f"auto: background {background} nearer the light end ({light}) than the dark ({dark})"
+    return False, f"auto: background {background} nearer the dark end ({dark}) than the light ({light})"
+
+
+def mnist_framed(grey: torch.Tensor) -> bool:
+    """Whether white-on-black uint8 (H, W) is already framed as MNIST's are: 28x28, its non-zero pixels within
+    a 20x20 box, its centre of mass within MNIST_CENTRE_TOLERANCE of MNIST_CENTRE (all 70,000 MNIST images are)."""
+    if grey.shape != (SOURCE_SIZE, SOURCE_SIZE) or not grey.any():
+        return False
+    rows, columns = grey.any(1).nonzero(), grey.any(0).nonzero()
+    if max(int(rows[-1] - rows[0]), int(columns[-1] - columns[0])) + 1 > MNIST_BOX:
+        return False
+    return all(abs(centre - MNIST_CENTRE) <= MNIST_CENTRE_TOLERANCE for centre in centre_of_mass(grey.float()))
+
+
+def centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
+    """(row, column) of float (H, W)'s centre of mass, in 0-based pixel coordinates."""
+    mass = image.sum()
+    rows, columns = torch.arange(image.shape[0]), torch.arange(image.shape[1])
+    return float((image.sum(1) * rows).sum() / mass), float((image.sum(0) * columns).sum() / mass)
+
+
+def levelled(grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float (H, W) with the paper at 0 and the ink at 255, bool (H, W): the ink) for a white-on-black uint8
+    image. The paper's level: the border's median; the ink's: the brightest 0.5%. Ink: pixels nearer the ink's
+    level than the paper's, less isolated specks. Made 0: up to the border's 99th percentile (its noise), at
+    most a quarter of the way to the ink; made 255: from the ink pixels' median up (MNIST's strokes are solid)."""
+    histogram = torch.bincount(grey.flatten().int(), minlength=256)
+    paper = border(grey).float()
+    background, ink_level = float(paper.median()), float(percentile(histogram, 1 - EDGE_SHARE))
+    threshold = (background + ink_level) / 2
+    ink = grey > threshold
+    neighbours = F.avg_pool2d(ink[None, None].float(), 3, stride=1, padding=1, count_include_pad=False)[0, 0] * 9
+    ink &= neighbours >= 3  # itself and at least 2 of its 8 neighbours: a speck of noise or dust is not the digit
+    if not ink.any():
+        return grey.float(), ink
+    floor = min(float(paper.quantile(0.99)), (background + threshold) / 2)
+    ceiling = max(float(grey[ink].float().median()), floor + 1)
+    return ((grey.float() - floor) * (255 / (ceiling - floor))).clamp(0, 255), ink
+
+
+def frame(grey: torch.Tensor) -> tuple[torch.Tensor, str, tuple[int, int, int, int] | None, float | None]:
+    """(uint8 (28, 28), what was done, the ink's box, the scale): white-on-black uint8 (H, W) framed as MNIST's."""
+    if mnist_framed(grey):
+        return grey, "already framed as MNIST's: left as it is", None, None
+    image, ink = levelled(grey)
+    if not ink.any():
+        return fit(grey), "no ink found: fitted into 28x28", None, None
+    rows, columns = ink.any(1).nonzero(), ink.any(0).nonzero()
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+    scale = MNIST_BOX / max(bottom - top, right - left)
+    size = [max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))]
+    digit = F.interpolate(image[None, None, top:bottom, left:right], size=size, mode="bilinear",
+                          align_corners=False, antialias=True)[0, 0].round().clamp(0, 255)  # (h, w), h or w = 20
+    row, column = centre_of_mass(digit) if digit.any() else ((size[0] - 1) / 2, (size[1] - 1) / 2)
+    y = min(max(round(MNIST_CENTRE - row), 0), SOURCE_SIZE - size[0])  # kept whole inside 28x28
+    x = min(max(round(MNIST_CENTRE - column), 0), SOURCE_SIZE - size[1])
+    framed = torch.zeros(SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
+    framed[y:y + size[0], x:x + size[1]] = digit.to(torch.uint8)
+    return framed, "levelled, cropped to the ink, fitted in 20x20, centred by mass", (left, top, right, bottom), \
+        round(scale, 4)
+
+
+def fit(grey: torch.Tensor) -> torch.Tensor:
+    """uint8 (H, W) fitted into 28x28 keeping its aspect ratio (Pillow bilinear, which averages when shrinking),
+    centred on black; a 28x28 image as it is."""
+    if grey.shape == (SOURCE_SIZE, SOURCE_SIZE):
+        return grey
+    fitted = ImageOps.pad(Image.fromarray(grey.numpy()), (SOURCE_SIZE, SOURCE_SIZE), method=Image.Resampling.BILINEAR,
+                          color=0)
+    return as_tensor(fitted)
+
+
+def read_image(path: Path, invert: bool | None = None, center: bool = True) -> Prepared:
+    """The image at `path` as MNIST's are, uint8 (28, 28) white digit on black, and what was done to it.
+    `invert`: True or False forces it, None decides (`polarity`); `center`: frame it as MNIST's (`frame`), else
+    only fit it into 28x28. Raises ImageError."""
+    grey, note = decode(path, invert)
+    image = as_tensor(grey)
+    inverted, why = polarity(image, invert)
+    if inverted:
+        image = 255 - image
+    if center:
+        image, framing, box, scale = frame(image)
+    else:
+        image, framing, box, scale = fit(image), "--no-center: fitted into 28x28", None, None
+    return Prepared(image=image, inverted=inverted, polarity=why, framing=framing, box=box, scale=scale, note=note)
+
+
+def read_images(files: list[Path], invert: bool | None, center: bool
+                ) -> tuple[list[Path], list[Prepared], list[tuple[Path, str]]]:
+    """(files read, each one prepared, [(path, why it could not be read)])."""
     good: list[Path] = []
-    images: list[torch.Tensor] = []
+    prepared: list[Prepared] = []
     errors: list[tuple[Path, str]] = []
     for path in files:
         try:
-            images.append(read_image(path, invert))
+            prepared.append(read_image(path, invert, center))
             good.append(path)
         except ImageError as error:
             errors.append((path, str(error)))
-    stacked = torch.stack(images) if images else torch.empty(0, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
-    return good, stacked, errors
+    return good, prepared, errors
+
+
+def batch(prepared: list[Prepared]) -> torch.Tensor:
+    """The prepared images as uint8 (N, 28, 28)."""
+    if not prepared:
+        return torch.empty(0, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
+    return torch.stack([p.image for p in prepared])
 
 
 # --- what a command writes must not be what it uses ---

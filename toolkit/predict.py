@@ -1,16 +1,20 @@
 """Predict the digit in image files with a trained checkpoint.
 
-    python -m toolkit.predict --checkpoint runs/x digit.png scans/ [--invert] [--top-k 3] [--json out.json]
+    python -m toolkit.predict --checkpoint runs/x digit.png scans/ [--top-k 3] [--json out.json]
 
 IMAGE is a PNG, JPEG, BMP, GIF, TIFF or WebP file of any size, colour or grey, or a folder (its files, sorted;
-not its subfolders). Each image is made into what MNIST's are, then goes through the training code's own
-resize and normalisation (`toolkit.data.Preprocess`, with the checkpoint's image size): see
-`toolkit.inference.read_image`. Files that cannot be read are listed on stderr, one line each, and the exit
-code is 1; the others still get their answer.
+its sub-folders are named, not read). Each image is made into what MNIST's are: a white digit on black (a dark
+digit on light paper is inverted, told by the image's background, unless --invert or --no-invert says),
+cropped to the ink, fitted in 20x20 and centred by its centre of mass in 28x28 as MNIST's digits were (unless
+--no-center); then it goes through the training code's own resize and normalisation (`toolkit.data.Preprocess`,
+with the checkpoint's image size): see `toolkit.inference.read_image`. The table and the JSON say what was done
+to each image. Files that cannot be read are listed on stderr, one line each, and the exit code is 1; the
+others still get their answer.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -48,27 +52,40 @@ def predict(model: AlexNet, images: torch.Tensor, preprocess: Preprocess, accele
     return torch.cat(probabilities) if probabilities else torch.empty(0, NUM_CLASSES)
 
 
-def answers(files: list[Path], probabilities: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
-    """One record per file: the digit, its probability and the `top_k` most likely digits."""
+def answers(files: list[Path], prepared: list[inference.Prepared], probabilities: torch.Tensor,
+            top_k: int) -> list[dict[str, Any]]:
+    """One record per file: the digit, its probability, the `top_k` most likely digits, and how the image was
+    prepared."""
     top = probabilities.topk(top_k, dim=1)
     return [{"file": str(path), "digit": int(digits[0]), "probability": float(values[0]),
-             "top_k": [{"digit": int(d), "probability": float(p)} for d, p in zip(digits, values, strict=True)]}
-            for path, values, digits in zip(files, top.values.tolist(), top.indices.tolist(), strict=True)]
+             "top_k": [{"digit": int(d), "probability": float(p)} for d, p in zip(digits, values, strict=True)],
+             "prepared": image.to_json()}
+            for path, image, values, digits in zip(files, prepared, top.values.tolist(), top.indices.tolist(),
+                                                   strict=True)]
 
 
-def report(console: Console, records: list[dict[str, Any]], top_k: int) -> None:
+def report(console: Console, records: list[dict[str, Any]], prepared: list[inference.Prepared], top_k: int) -> None:
     table = Table()
     table.add_column("file", overflow="fold")
     table.add_column("digit", justify="right")
     table.add_column("probability", justify="right")
     if top_k > 1:
         table.add_column(f"top {top_k}")
-    for record in records:
+    table.add_column("prepared", overflow="fold")
+    for record, image in zip(records, prepared, strict=True):
         row = [escape(record["file"]), str(record["digit"]), f"{record['probability']:.2%}"]
         if top_k > 1:
             row.append(", ".join(f"{t['digit']} {t['probability']:.1%}" for t in record["top_k"]))
-        table.add_row(*row)
+        table.add_row(*row, escape(image.summary()))
     console.print(table)
+
+
+def preparation(prepared: list[inference.Prepared], invert: bool | None, center: bool) -> str:
+    """How the images were prepared, in a few words: how many were inverted and why, and the framing."""
+    polarity = "auto" if invert is None else ("--invert" if invert else "--no-invert")
+    inverted = sum(image.inverted for image in prepared)
+    return (f"inverted: {inverted} ({polarity}), "
+            f"{'framed as MNIST' if center else 'not framed as MNIST (--no-center)'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,20 +93,28 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser("python -m toolkit.predict", __doc__.splitlines()[0], keys=PREDICT_KEYS)
         parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
         parser.add_argument("images", nargs="+", metavar="IMAGE", help="image file, or folder of image files")
-        parser.add_argument("--invert", action="store_true", default=False,
-                            help="the images are dark digits on a light background (scans): invert them")
+        parser.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                            help="--invert: the digits are dark on a light background (scans, photos of paper), "
+                                 "invert every image; --no-invert: they are light on dark, as MNIST's [default: "
+                                 "each image by its background: inverted when the background is nearer its "
+                                 "brightest pixels than its darkest]")
+        parser.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+                            help="frame each digit as MNIST's were: cropped to the ink, fitted in 20x20 and placed "
+                                 "in 28x28 by its centre of mass; --no-center only fits the whole image into 28x28 "
+                                 "[default: on; an image already framed so is left as it is]")
         parser.add_argument("--top-k", type=int, default=1, help="also list the K most likely digits [default: 1]")
         parser.add_argument("--json", dest="json_path", help="also write the answers to this JSON file")
         parser.epilog = (f"{inference.PRECISION_RULE} Exit code: 0 when every image was read, 1 when any could "
                          "not be (the others are still answered), 2 for bad usage.")
         args = vars(parser.parse_args(argv))
-        paths, invert, top_k = [Path(p) for p in args.pop("images")], args.pop("invert"), args.pop("top_k")
+        paths, invert, center = [Path(p) for p in args.pop("images")], args.pop("invert"), args.pop("center")
+        top_k = args.pop("top_k")
         checkpoint_path, json_raw = args.pop("checkpoint"), args.pop("json_path", None)
         if not 1 <= top_k <= NUM_CLASSES:
             raise UsageError(f"--top-k: must be between 1 and {NUM_CLASSES}, got {top_k}")
         json_path = outputs.file(json_raw, "--json") if json_raw is not None else None
         loaded = inference.load(Path(checkpoint_path), args)
-        files, errors = inference.image_files(paths)
+        files, errors, skipped = inference.image_files(paths)
         inference.refuse_overwriting(outputs, loaded, files)
         outputs.make_ready()
         run = inference.runtime(loaded.config, loaded.meta, args.get("precision"))
@@ -98,26 +123,29 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("predict runs as one process: use python -m toolkit.predict, not accelerate launch")
         console = Console(highlight=False, soft_wrap=True)  # a line stays one line in logs and pipes
 
-        files, images, unreadable = inference.read_images(files, invert)
+        files, prepared, unreadable = inference.read_images(files, invert, center)
         errors += unreadable
         model, preprocess = inference.on_device(loaded.model, loaded.config, run.accelerator)
-        records = answers(files, predict(model, images, preprocess, run.accelerator,
-                                         loaded.config.eval_batch_size), top_k)
+        records = answers(files, prepared, predict(model, inference.batch(prepared), preprocess, run.accelerator,
+                                                   loaded.config.eval_batch_size), top_k)
 
         console.print(f"checkpoint: {escape(str(loaded.folder))} ({loaded.reason})")
-        console.print(f"device: {run.device}, precision: {run.precision}, images read: {len(files)}"
-                      + (", inverted (black on white)" if invert else ""))
+        console.print(f"device: {run.device}, precision: {run.precision}, images read: {len(files)}, "
+                      f"{preparation(prepared, invert, center)}")
         if run.note:
             console.print(f"note: {escape(run.note)}")
         if records:
-            report(console, records, top_k)
+            report(console, records, prepared, top_k)
+        for path, why in skipped:
+            console.print(f"note: {escape(str(path))}: {escape(why)}")
         for path, error in errors:
             print(f"{PROG}: error: {path}: {error}", file=sys.stderr, flush=True)
         if json_path:
             outputs.write({json_path: json.dumps({
                 "checkpoint": str(loaded.folder), "chosen_because": loaded.reason, "device": run.device,
-                "precision": run.precision, "invert": invert, "predictions": records,
-                "errors": [{"file": str(path), "error": error} for path, error in errors]}, indent=1) + "\n"})
+                "precision": run.precision, "invert": invert, "center": center, "predictions": records,
+                "errors": [{"file": str(path), "error": error} for path, error in errors],
+                "skipped": [{"path": str(path), "why": why} for path, why in skipped]}, indent=1) + "\n"})
     return 1 if errors else 0
 
 

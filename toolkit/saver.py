@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from toolkit.agreement import decided_on_main
 from toolkit.checkpoint import (
     STAGING,
     Checkpoint,
@@ -156,6 +157,22 @@ def choose_for_resume(directory: Path, resume: str, announce: Callable[[str], No
             announce(f"warning: {error}; trying the previous checkpoint")
     announce(f"no complete checkpoint in {directory}: starting from scratch")
     return None
+
+
+def chosen_for_resume(resume: str, folder: RunFolder, main_process: bool,
+                      announce: Callable[[str], None]) -> tuple[Checkpoint | None, Path | None]:
+    """(the checkpoint loaded, on the main process; its folder, on every process) for `--resume resume`, or
+    (None, None) when `auto` finds none. The main process chooses, loading and checking as it goes; a refusal
+    stops every process. Chosen before the run's parts are built: a wrong `--resume` is said at once."""
+    chosen: Checkpoint | None = None
+
+    def choose() -> str | None:
+        nonlocal chosen
+        chosen = choose_for_resume(folder.checkpoints, resume, announce)
+        return str(chosen.path) if chosen else None
+
+    path = decided_on_main(choose, main_process)
+    return chosen, Path(path) if path else None
 
 
 def loaded(path: Path, announce: Callable[[str], None]) -> Checkpoint:

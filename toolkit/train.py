@@ -72,6 +72,7 @@ def training_run(config: TrainConfig, quiet: bool = False, signals: Signals | No
     from toolkit import assemble, rundir, tracking
     from toolkit.console import TrainConsole
     from toolkit.report import RunReport, facts
+    from toolkit.saver import chosen_for_resume
     from toolkit.trainer import Trainer
 
     tracking.check_installed(config.trackers)
@@ -79,11 +80,14 @@ def training_run(config: TrainConfig, quiet: bool = False, signals: Signals | No
     try:
         console = TrainConsole(run.is_main and not quiet)
         with rundir.claim(config.output_dir, config.resume, run.is_main, console.print) as folder:
+            chosen, resumed = chosen_for_resume(config.resume, folder, run.is_main, console.print) \
+                if config.resume else (None, None)
             parts = assemble.assemble(config, run, splits, source)
             report = RunReport(config, parts, folder, console)
             try:
                 trainer = Trainer(parts, folder, report, config, signals)
-                resumed = trainer.resume() if config.resume else None
+                if resumed:
+                    trainer.resume(chosen, resumed)
                 started = f"{resumed} (step {trainer.progress.step})" if resumed else None
                 report.begin(trainer.progress, facts(parts, folder, trainer.saver.bytes_per_checkpoint, started),
                              startup_warnings(parts, trainer), resumed is not None)

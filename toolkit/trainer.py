@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from toolkit import checkpoint, devices, plots, report
-from toolkit.agreement import decided_on_main
 from toolkit.assemble import Parts
 from toolkit.checkpoint import Checkpoint, TrainProgress
 from toolkit.clock import RunClock
@@ -31,7 +30,7 @@ from toolkit.metrics import EvalResult, evaluate
 from toolkit.profiling import StepProfiler
 from toolkit.report import RunReport
 from toolkit.rundir import RunFolder
-from toolkit.saver import CheckpointSaver, choose_for_resume, expected_bytes
+from toolkit.saver import CheckpointSaver, expected_bytes
 from toolkit.stopping import NonFiniteLoss, Signals, Stop, StopPolicy
 from toolkit.tally import StepTally
 from toolkit.throughput import Efficiency, StepTimer
@@ -416,22 +415,11 @@ class Trainer:
         self.tally = StepTally(run.torch_device, self.progress.step)
         self.clock.wall_before = self.progress.wall_seconds
 
-    def resume(self) -> Path | None:
-        """Load the checkpoint `resume` names (auto: the newest complete one that loads): the main process chooses
-        (and has loaded it in choosing), the others load the one it chose."""
-        chosen: Checkpoint | None = None
-
-        def choose() -> str | None:
-            nonlocal chosen
-            chosen = choose_for_resume(self.saver.directory, self.config.resume, self.report.print)
-            return str(chosen.path) if chosen else None
-
-        path = decided_on_main(choose, self.runtime.is_main)
-        if path is None:
-            return None
-        self.load_state_dict(chosen or checkpoint.load(Path(path)))
+    def resume(self, chosen: Checkpoint | None, path: Path) -> None:
+        """Continue from the checkpoint at `path`: `chosen`, already loaded and checked by the main process
+        (`saver.chosen_for_resume`), or read here (the other processes)."""
+        self.load_state_dict(chosen or checkpoint.load(path))
         self.folder.starts_at(self.progress.step)
-        return Path(path)
 
     def save_checkpoint(self) -> None:
         """A sync point first (no non-finite step is ever saved); then every process contributes its state, the
