@@ -5,6 +5,7 @@ work one process per machine does first (reading or downloading data)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -118,5 +119,7 @@ def lost_peer(error: BaseException, known: tuple[tuple[str, int], ...], newest: 
 
 
 def one_line_of(error: BaseException) -> str:
+    """The error's first line without gloo's source location (`[.../pair.cc:545] Read error ...`), cut short."""
     line = next((text.strip() for text in str(error).splitlines() if text.strip()), type(error).__name__)
-    return line if len(line) <= 120 else line[:117] + "..."
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)
+    return line if len(line) <= 100 else line[:97] + "..."

@@ -438,7 +438,7 @@ def lock(folder: RunFolder) -> None:
 
 
 def process_exists(pid: Any) -> bool:
-    """Whether a process `pid` runs on this machine."""
+    """Whether a process `pid` runs on this machine (a zombie, dead but not yet reaped by its parent, does not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -447,7 +447,11 @@ def process_exists(pid: Any) -> bool:
         return False
     except PermissionError:  # there, and someone else's
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): the signal's answer stands
+        return True
+    return state not in ("Z", "X")
 
 
 def refuse_if_held(path: Path) -> None:
