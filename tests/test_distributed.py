@@ -197,6 +197,6 @@ def test_a_refusal_met_by_one_process_stops_every_process_with_one_line(two_proc
     errors = [line for line in result.stderr.splitlines() if line.startswith("toolkit.") and ": error" in line]
     assert result.returncode == 1, result.stderr
     assert len(errors) == 1, result.stderr
-    assert ("not a checkpoint" if case.startswith("a --resume") else "MNIST not found") in errors[0]
+    assert ("does not exist" if case.startswith("a --resume") else "MNIST not found") in errors[0]
     assert "[rank" not in result.stderr and "terminate called" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()  # a run that could not start leaves no folder

@@ -136,12 +136,14 @@ class StopPolicy:
             return "time_limit"
         return None
 
-    def agree(self, requests: list[str | None], step: int) -> None:
+    def agree(self, requests: list[str | None], step: int) -> bool:
         """At a sync point: what every process asked for (`request`), gathered; the first in REQUESTS' order
-        wins, unless the run already stops."""
+        wins, unless the run already stops. Whether this made the run stop."""
         reason = first_request(requests)
         if reason and self.stop is None:
             self.stop = Stop(reason, step)
+            return True
+        return False
 
     def after_step(self, step: int, alone: bool) -> bool:
         """Whether to stop after optimizer step `step`. One process (`alone`) acts on its own requests at once;

@@ -238,8 +238,11 @@ class Trainer:
         if skipped > progress.skipped_steps:
             self.report.skipped(skipped, progress.step)
         progress.skipped_steps = max(progress.skipped_steps, skipped)
-        self.stops.agree([request for _, request in every], progress.step)
-        if self.stops.stop and self.stops.stop.reason.startswith("SIG"):
+        if self.stops.agree([request for _, request in every], progress.step) and \
+                self.stops.stop.reason.startswith("SIG"):
+            if self.world_size > 1:  # one process says it at once; several, here, where they agreed
+                self.report.print(f"{self.stops.stop.reason} received: every process stops at step {progress.step}, "
+                                  f"saves a checkpoint, then exits")
             # until the save is done, and if a launcher kills this process first, the run is one to continue
             self.folder.stopping(self.stops.stop.reason)
         return loss_sum / images if images else None
