@@ -90,8 +90,8 @@ def build_parser() -> ArgumentParser:
                         help=f"input size in pixels, at least 65 (default {TrainConfig.image_size})")
     parser.add_argument("--full", action="store_true",
                         help=f"the long measurement: batch {FULL.batch_size}, {FULL.warmup} warm-up steps, then "
-                             f"{FULL.repeats} windows of {FULL.steps} steps on every device (about 40 minutes "
-                             f"for the defaults on a 2-core CPU)")
+                             f"{FULL.repeats} windows of {FULL.steps} steps on every device (minutes a case on a "
+                             f"2-core CPU)")
     parser.add_argument("--warmup", default=None, type=at_least(0), metavar="STEPS",
                         help=f"untimed steps first (default {cpu.warmup} on the CPU, {gpu.warmup} elsewhere)")
     parser.add_argument("--steps", default=None, type=at_least(1), metavar="STEPS",
