@@ -103,7 +103,7 @@ def build_parser() -> ArgumentParser:
                         help="trainer recipe to start from, e.g. configs/seed.yaml (default: the trainer's "
                              "defaults); the flags above override it")
     parser.add_argument("--json", default="", metavar="PATH", help="where to write the results (default: a new "
-                                                                   "file in the folder named above)")
+                                                                   "file in the folder named below)")
     parser.add_argument("--chart", default=True, action=argparse.BooleanOptionalAction,
                         help="also draw images/s against batch size beside the JSON, X.json -> X.png (default on; "
                              "skipped with a note where matplotlib is missing)")

@@ -57,9 +57,11 @@ def results_table(rows: list[dict[str, Any]]) -> Any:
     common = [said(rows[0][field]) for field, _, said in SETTINGS if len({r[field] for r in rows}) == 1]
     table = Table(title=f"AlexNet on MNIST: {', '.join(common)}", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False)
+    ratios = any(r.get("trainer_over_model") for r in rows)
     for column in ("mode", "pipeline", *(column for _, column in varying)):
         table.add_column(column)
-    for column in ("images/s", "step ms (p10-p90)", "trainer/model", "memory", "TFLOP/s", "of peak"):
+    for column in ("images/s", "step ms (p10-p90)", *(["trainer/model"] if ratios else []), "memory", "TFLOP/s",
+                   "of peak"):
         table.add_column(column, justify="right")
     for r in rows:
         ok = r["status"] == "ok"
@@ -69,7 +71,7 @@ def results_table(rows: list[dict[str, Any]]) -> Any:
             r["mode"], r["pipeline"], *(shown(r[field]) for field, _ in varying),
             number(r["images_per_sec"]) if ok else r["status"],
             f"{number(step['median'])} ({number(step['p10'])}-{number(step['p90'])})" if ok else "-",
-            f"{ratio:.3f}" if ratio else "",
+            *([f"{ratio:.3f}" if ratio else ""] if ratios else []),
             main_memory(r["peak_memory"]),
             f"{r['achieved_tflops']:.3g}" if ok else "-",
             f"{r['mfu']:.1%}" if ok else "-",
