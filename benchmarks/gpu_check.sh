@@ -92,8 +92,12 @@ step() {
     [ "$limit" -gt "$left" ] && limit=$left
     [ -n "${STEP_LIMIT_S:-}" ] && [ "$name" != preflight ] && [ "$limit" -gt "$STEP_LIMIT_S" ] && limit=$STEP_LIMIT_S
     say "=== $name (limit ${limit} s, at ${SECONDS} s)"
-    in_own_group "$limit" "$@" | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
+    # in the background, and waited for: `wait` lets the script's traps run at once (a foreground pipeline would
+    # hold them until it ended); pipefail makes its status the step's
+    in_own_group "$limit" "$@" <&0 | tee -a "$LOG" &
+    wait $!
+    rc=$?
+    rm -f "$WORK/step-group"
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
         say "=== $name: stopped at its limit of ${limit} s"
     else
@@ -107,15 +111,15 @@ step() {
 # script runs without job control, so its children are not group leaders and setsid does not fork), under
 # timeout, which signals the whole group at the limit. timeout returns as soon as COMMAND itself ends, and a
 # child of it may outlive it (a benchmark worker whose parent was stopped): the group's leftovers get SIGTERM,
-# then SIGKILL after 10 s. A SIGTERM or Ctrl-C to the script's own process group ends the step's group too (it
-# is in another session: nothing else would reach it).
+# then SIGKILL after 10 s. The group is noted in $WORK/step-group: a SIGTERM or Ctrl-C to the script ends it too
+# (it is in another session: nothing else would reach it).
 in_own_group() {
     local limit=$1 group rc
     shift
     setsid timeout --kill-after=10 "$limit" "$@" 2>&1 <&0 &  # <&0: a background job would read /dev/null
     group=$!
+    echo "$group" >"$WORK/step-group"
     trap 'end_group "$group"; exit 143' TERM
-    trap 'end_group "$group"; exit 130' INT
     wait "$group"
     rc=$?
     end_group "$group"
@@ -124,6 +128,7 @@ in_own_group() {
 
 end_group() {  # end_group PGID: SIGTERM to whatever is left in the group, SIGKILL to what is there 10 s later
     local group=$1 waited=0
+    [ "$group" -gt 1 ] 2>/dev/null || return 0
     kill -TERM -- "-$group" 2>/dev/null || return 0
     while kill -0 -- "-$group" 2>/dev/null && [ "$waited" -lt 10 ]; do
         sleep 1
@@ -198,6 +203,16 @@ for row in rows(load("reference.json")):
 EOF
     say "=== done in ${SECONDS} s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 }
+
+# a SIGTERM or Ctrl-C ends the step running (its group) and then the script, with the summary of what finished
+stopped() {  # stopped SIGNAL STATUS
+    end_group "$(cat "$WORK/step-group" 2>/dev/null || echo 0)"
+    say "=== stopped by $1"
+    summary
+    exit "$2"
+}
+trap 'stopped SIGINT 130' INT
+trap 'stopped SIGTERM 143' TERM
 
 # --- data: MNIST unpacked from gpu-data/ (else $TOOLKIT_DATA_DIR as it is), the reference beside it
 if [ -d "$PACK/mnist" ]; then
