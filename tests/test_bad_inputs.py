@@ -29,7 +29,6 @@ def world(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "latin1.yaml").write_bytes("lr: 0.1  # caf\xe9\n".encode("latin-1"))
     (tmp_path / "folder.yaml").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
-    (tmp_path / "bad-key.yaml").write_text("learning_rate: 0.1\n")
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "results.json").write_text(json.dumps({"results": [
         {"device": "cpu", "mode": "train", "pipeline": "model", "image_size": 65, "batch_size": 2,
@@ -91,12 +90,8 @@ CASES = [
      "results.json"),
     ("bench --compare nested too deeply", bench, ["--compare", "{tmp}/deep.json", "{tmp}/deep.json"], 2,
      "deep.json is not a toolkit.bench results file (nested too deeply)"),
-    ("bench --json under a file", bench, ["--device", "cpu", "--json", "{tmp}/a-file/bench.json"], 2,
-     "is a file, not a folder"),
     ("bench --json nowhere writable", bench, ["--device", "cpu", "--json", "/proc/bench.json"], 2,
      "cannot write in /proc"),
-    ("bench --config unknown key", bench, ["--device", "cpu", "--config", "{tmp}/bad-key.yaml", "--json",
-                                           "{tmp}/bench.json"], 2, "unknown key 'learning_rate'"),
 ]
 
 
@@ -115,6 +110,5 @@ def test_bad_input_is_one_line_and_touches_nothing(world, capsys, case, command,
     assert text in line, line
     assert "Traceback" not in line
     assert snapshot(world["run"]) == before
-    # a training that failed before its first step leaves no run folder behind, a refused bench no results
+    # a training that failed before its first step leaves no run folder behind
     assert not (world["tmp"] / "x").exists() and not (world["tmp"] / "huge").exists()
-    assert not (world["tmp"] / "bench.json").exists()
