@@ -41,13 +41,14 @@ from toolkit import devices
 from toolkit.bench.cli import at_least, config_value
 from toolkit.bench.environment import REPO_ROOT, environment
 from toolkit.bench.plan import Case
-from toolkit.bench.results import default_json_path, write_json
+from toolkit.bench.results import default_json_path, results_dir
 from toolkit.bench.tables import console_for_tables
 from toolkit.bench.timing import timed
 from toolkit.bench.worker import run_in_processes
 from toolkit.config import PRECISIONS, ArgumentParser
 from toolkit.data import require_mnist, resolve_data_dir
 from toolkit.errors import UsageError, exit_on_user_error
+from toolkit.files import Outputs
 from toolkit.peaks import COMPUTE_DTYPES
 
 PROG = "compare_reference.py"
@@ -155,7 +156,7 @@ def toolkit_side(args: argparse.Namespace, precision: str, known: dict[str, Any]
                       precision=precision, channels_last=devices.use_channels_last(args.device), compile=False,
                       image_size=args.image_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                       recipe=str(SEED_RECIPE), requested_precision=precision)
-    row = run_in_processes([case], known, announce=lambda line: None, workers=workers)[0]
+    row = run_in_processes([case], known, workers=workers)[0]
     row["side"] = "toolkit trainer"
     return row
 
@@ -175,8 +176,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--steps", default=10, type=at_least(1), help="steps per timed window (default 10)")
     parser.add_argument("--repeats", default=1, type=at_least(1),
                         help="timed windows; the median is reported (default 1)")
-    parser.add_argument("--json", default="", help="where to write the results (default "
-                                                   "benchmarks/results/reference-<device>-<YYYYMMDD>.json)")
+    parser.add_argument("--json", default="", help=f"where to write the results (default: a new file "
+                                                   f"reference-<device>-<date>.json in {results_dir()})")
     parser.add_argument("--_side", help=argparse.SUPPRESS)
     return parser
 
@@ -222,7 +223,7 @@ def print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    with exit_on_user_error(PROG):
+    with exit_on_user_error(PROG), Outputs() as outputs:
         args = build_parser().parse_args(argv)
         check_args(args)
         if args._side:
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args._side).write_text(json.dumps(row))
             return 0
         require_mnist(resolve_data_dir(), reader="the comparison")
+        path = outputs.file(args.json or str(default_json_path(f"reference-{args.device}")), "--json")
+        outputs.make_ready()  # before the minutes of measuring, not after
         known: dict[str, Any] = {}
         workers: dict[str, Any] = {}
         precisions = ["no"] if args.precision == "no" else ["no", args.precision]
@@ -249,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         # paths as the project sees them, not as this machine lays them out
         context["reference_dir"] = os.path.relpath(args.reference_dir, REPO_ROOT)
         rows[-1]["recipe"] = os.path.relpath(rows[-1]["recipe"], REPO_ROOT)
-        path = Path(args.json) if args.json else default_json_path(f"reference-{args.device}")
-        write_json(path, {"environment": context, "results": rows})
+        outputs.write({path: json.dumps({"environment": context, "results": rows}, indent=2) + "\n"})
         print(f"results: {path}")
         return 0 if all(row["status"] == "ok" for row in rows) else 1
 

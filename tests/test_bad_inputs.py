@@ -45,6 +45,7 @@ def make_world(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "exp1").mkdir()  # a user's experiment folder, with their own commented config in it
     (tmp_path / "exp1" / "config.yaml").write_text("# my settings\nlr: 0.001\n")
     os.mkfifo(tmp_path / "fifo.png")  # reading it would wait forever for a writer
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "results.json").write_text(json.dumps({"results": [
         {"device": "cpu", "mode": "train", "pipeline": "model", "image_size": 65, "batch_size": 2,
          "precision": "no", "channels_last": True, "compile": False, "status": "ok", "images_per_sec": None,
@@ -162,6 +163,10 @@ CASES = [
     ("--resume auto into a user's folder", train, ["--config", "{tmp}/exp1/config.yaml", "--output-dir",
                                                     "{tmp}/exp1", "--resume", "auto"], 2,
      "{tmp}/exp1 holds no run to continue, but has config.yaml"),
+    ("bench --compare nested too deeply", bench, ["--compare", "{tmp}/deep.json", "{tmp}/deep.json"], 2,
+     "deep.json is not a toolkit.bench results file (nested too deeply)"),
+    ("bench --json nowhere writable", bench, ["--device", "cpu", "--json", "/proc/bench.json"], 2,
+     "cannot write in /proc"),
 ]
 
 

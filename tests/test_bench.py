@@ -1,7 +1,8 @@
 """toolkit.bench on tiny CPU configurations: the JSON and chart it writes, its one-line errors, the out-of-memory
 path, synthetic data, process groups and GPU peaks. No assertion is about speed (the machine is shared and noisy):
 numbers need only be there, positive and finite. --compare: test_bench_compare.py; the chart:
-test_bench_chart.py; timing windows: test_bench_timing.py."""
+test_bench_chart.py; timing windows: test_bench_timing.py; the plan, the results file as cases finish, and
+stopping: test_bench_run.py."""
 
 import json
 import math
@@ -19,7 +20,8 @@ TINY = ["--image-size", "65", "--batch-size", "2", "--warmup", "1", "--steps", "
 ROW_FIELDS = {
     "device", "device_name", "mode", "pipeline", "batch_size", "precision", "channels_last", "compile",
     "image_size", "images_per_sec", "step_ms", "peak_memory", "gflop_per_image", "achieved_tflops",
-    "peak_tflops", "mfu", "status", "message", "trainer_over_model", "paired_model_images_per_sec",
+    "peak_tflops", "mfu", "status", "message", "trainer_over_model", "paired_model_images_per_sec", "paired",
+    "steps", "repeats", "warmup", "budget_s",
 }
 ENVIRONMENT_FIELDS = {"torch", "accelerate", "torchvision", "python", "os", "cpu_model", "cpu_cores", "devices",
                       "git_commit", "git_dirty", "date", "command", "method", "collect_env"}
@@ -28,6 +30,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# FLOPs an image at 65 px (forward, training step), as toolkit.model.count_flops counts them, handed to the
+# in-process cases as an earlier worker hands them on: counting takes seconds, and these tests check rows
+KNOWN_FLOPS = {"flops:65": [207_241_920, 616_498_560]}
 
 
 def tiny_case(**changes) -> Case:
@@ -48,7 +55,7 @@ def in_process(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The one run of the real command: both pipelines, training, in worker processes."""
+    """The one run of the real command: both pipelines paired, training, in a worker process."""
     if mnist_root() is None:
         pytest.skip("MNIST is not on this machine (the trainer pipeline reads it): set TOOLKIT_DATA_DIR")
     path = tmp_path_factory.mktemp("bench") / "results" / "cpu.json"
@@ -67,12 +74,15 @@ def test_json_holds_the_environment_and_a_row_per_pipeline(smoke):
     assert environment_["method"].startswith("benchmarks/README.md")
     assert environment_["command"].startswith("python -m toolkit.bench --device cpu")
     assert "pip_packages" in environment_["collect_env"] and "cpu_info" not in environment_["collect_env"]
+    assert document["run"] == {"cases": 1, "finished": 1, "stopped_by": None}
     rows = document["results"]
-    assert [(r["pipeline"], r["mode"]) for r in rows] == [("model", "train"), ("trainer", "train")]
+    assert [(r["pipeline"], r["mode"], r["paired"]) for r in rows] == [("model", "train", True),
+                                                                      ("trainer", "train", True)]
     for row in rows:
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
         assert row["status"] == "ok", row["message"]
         assert (row["device"], row["batch_size"], row["image_size"]) == ("cpu", 2, 65)
+        assert (row["warmup"], row["steps"], row["repeats"], row["budget_s"]) == (1, 1, 2, 0)  # as the flags said
         assert row["precision"] in devices.supported_precisions("cpu")
         assert set(row["step_ms"]) == {"median", "p10", "p90"}
         assert row["step_ms"]["p10"] <= row["step_ms"]["median"] <= row["step_ms"]["p90"]
@@ -94,13 +104,16 @@ def test_every_measured_number_is_positive_and_finite(smoke):
     model, trainer = document["results"]
     assert model["trainer_over_model"] is None and model["paired_model_images_per_sec"] is None
     assert positive_finite(trainer["trainer_over_model"])
-    assert positive_finite(trainer["paired_model_images_per_sec"])
+    # both rows come from the same pairs: the model row is the model's windows the trainer's ratio is taken against
+    assert trainer["paired_model_images_per_sec"] == pytest.approx(model["images_per_sec"])
+    assert model["peak_memory"] == trainer["peak_memory"]  # one process
 
 
 @pytest.mark.slow
 def test_console_prints_a_table_where_the_json_went_and_the_chart(smoke):
     _, result, path = smoke
-    assert "images/s" in result.stdout and "peak memory" in result.stdout
+    assert "images/s" in result.stdout and "trainer/model" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines() if str(path) not in line) <= 100
     assert f"results: {path}" in result.stdout
     chart = path.with_suffix(".png")
     assert f"chart: {chart}" in result.stdout
@@ -159,8 +172,11 @@ def test_a_trainer_inference_window_must_fit_in_the_test_set(capsys):
 def test_flags_arrive_typed_and_in_order():
     args = cli.build_parser().parse_args(["--batch-size", "64, 16,64", "--precision", "bf16,no", "--steps", "3"])
     assert (args.batch_size, args.precision, args.steps, args.warmup, args.image_size) == ([64, 16], ["bf16", "no"],
-                                                                                         3, 5, 224)
-    assert cli.build_parser().parse_args([]).batch_size == [128]
+                                                                                         3, None, 224)
+    defaults = cli.build_parser().parse_args([])
+    # None: the device's defaults (plan.QUICK), or plan.FULL with --full
+    assert (defaults.batch_size, defaults.warmup, defaults.steps, defaults.repeats, defaults.full) == \
+        (None, None, None, None, False)
 
 
 def test_out_of_memory_marks_the_row_and_the_sweep_goes_on(monkeypatch, in_process):
@@ -174,8 +190,9 @@ def test_out_of_memory_marks_the_row_and_the_sweep_goes_on(monkeypatch, in_proce
         return real_train_step(self, images, labels)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    rows = measure.run_cases([tiny_case(batch_size=3), tiny_case(batch_size=2)], known={})
+    rows = measure.run_cases([tiny_case(batch_size=3), tiny_case(batch_size=2)], known=dict(KNOWN_FLOPS))
     assert [r["status"] for r in rows] == ["oom", "ok"]
+    assert rows[1]["paired"] is False and rows[1]["steps"] == 1 and rows[1]["repeats"] == 1
     assert "out of memory" in rows[0]["message"]
     assert rows[0]["images_per_sec"] is None and rows[0]["batch_size"] == 3
     assert positive_finite(rows[1]["images_per_sec"])
@@ -183,7 +200,7 @@ def test_out_of_memory_marks_the_row_and_the_sweep_goes_on(monkeypatch, in_proce
 
 def test_model_pipeline_runs_on_synthetic_images_without_mnist(monkeypatch, tmp_path, in_process):
     monkeypatch.setenv("TOOLKIT_DATA_DIR", str(tmp_path / "empty"))
-    row = measure.run_case(tiny_case(mode="infer"), known={})
+    [row] = measure.run_case(tiny_case(mode="infer"), known=dict(KNOWN_FLOPS))
     assert row["status"] == "ok", row["message"]
     assert row["data"] == "synthetic"
     assert positive_finite(row["images_per_sec"]) and positive_finite(row["matmul_tflops"])
@@ -196,14 +213,27 @@ def test_each_cpu_case_gets_its_own_process_and_a_gpu_one_per_precision():
     assert [len(group) for group in worker.process_groups(cpu + cuda + compiled)] == [1, 1, 2, 2, 1]
 
 
-def test_a_worker_that_dies_leaves_an_error_row_per_unfinished_case(monkeypatch):
-    class Died:
-        returncode = -9
-        stderr = ""
+class Died:
+    """A worker process that was killed before it wrote anything."""
 
-    monkeypatch.setattr(worker.subprocess, "run", lambda *args, **kwargs: Died())
-    rows = worker.run_in_processes([tiny_case()], known={}, announce=lambda line: None)
-    assert rows[0]["status"] == "error" and "killed (SIGKILL" in rows[0]["message"]
+    returncode = -9
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def test_a_worker_that_dies_leaves_an_error_row_per_unfinished_case(monkeypatch):
+    monkeypatch.setattr(worker.subprocess, "Popen", Died)
+    rows = worker.run_in_processes([tiny_case(), tiny_case(pipeline="both", batch_size=4)], known={})
+    assert [(r["pipeline"], r["status"]) for r in rows] == [("model", "error"), ("model", "error"),
+                                                            ("trainer", "error")]
+    assert all("killed (SIGKILL" in r["message"] for r in rows)
 
 
 @pytest.mark.parametrize("name, precision, peak", [

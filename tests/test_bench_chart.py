@@ -106,9 +106,17 @@ def test_nothing_measured_is_no_chart(tmp_path):
 
 @pytest.fixture
 def measured(monkeypatch):
-    """cli.main with the measuring replaced by the sweep above: what it writes, not how it measures."""
-    monkeypatch.setattr(cli, "plan", lambda args, announce: (["cuda", "cpu"], ["a case"]))
-    monkeypatch.setattr(cli, "run_in_processes", lambda cases, known, announce, workers: sweep())
+    """cli.main with the measuring replaced by the sweep above, as one case's rows: what it writes, not how it
+    measures."""
+    case = Case(device="cpu", mode="train", pipeline="both", batch_size=64, precision="bf16", channels_last=True,
+                compile=False, image_size=224, warmup=1, steps=1, repeats=1)
+
+    def run_in_processes(cases, known, progress, workers, stop):
+        progress.starting(0)
+        progress.finished(0, sweep())
+
+    monkeypatch.setattr(cli, "plan", lambda args, announce: (["cuda", "cpu"], [case]))
+    monkeypatch.setattr(cli, "run_in_processes", run_in_processes)
     monkeypatch.setattr(cli, "environment", lambda command, workers: {"command": command})
 
 
@@ -171,3 +179,25 @@ def test_the_model_step_paired_with_the_trainer_has_its_own_line(tmp_path, monke
     trainer, paired = drawn["cuda bf16 trainer"], drawn["cuda bf16 model, paired"]
     assert paired[0] == pytest.approx([rate * 1.05 for rate in trainer[0]])
     assert (trainer[1], paired[1]) == ("--", ":")
+
+
+def test_the_model_rows_of_pairs_are_the_dotted_line_and_not_drawn_twice(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = {}
+    real_plot = Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn[kwargs["label"]] = (list(args[1]), args[2])
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    rows = [r for r in sweep() if r["device"] == "cuda" and r["precision"] == "bf16" and r["mode"] == "train"]
+    for row in rows:  # --pipeline both: a model row and a trainer row from the same pairs
+        row["paired"] = True
+        if row["pipeline"] == "trainer":
+            row["paired_model_images_per_sec"] = row["images_per_sec"] / 0.97
+    chart.write_chart(rows, tmp_path / "both.png")
+    assert set(drawn) == {"cuda bf16 trainer", "cuda bf16 model, paired"}
+    model = [r["images_per_sec"] for r in rows if r["pipeline"] == "model"]
+    assert drawn["cuda bf16 model, paired"] == (model, ":")

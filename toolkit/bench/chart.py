@@ -1,8 +1,8 @@
 """The PNG beside a results file (X.json -> X.png): images/s against batch size, one panel per mode (train,
-infer), one colour per device and precision; a solid line (circles) for the model-only step, a dashed one
-(squares) for the trainer pipeline and a dotted one for the model-only step in the windows paired with it; and a
-line per compile, memory format or image size where those vary in the file. Rows without a number (oom, error)
-are left out."""
+infer), one colour per device and precision; a solid line (circles) for the model-only step alone, a dashed one
+(squares) for the trainer pipeline and a dotted one for the model-only step in the windows paired with it (its
+own rows, or the rate a trainer row carries); and a line per compile, memory format or image size where those
+vary in the file. Rows without a number (oom, error) are left out."""
 
 from __future__ import annotations
 
@@ -41,10 +41,13 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
     lines: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in measured:
         settings = tuple(row[field] for field, _ in varying)
-        lines.setdefault((row["device"], row["precision"], row["pipeline"], *settings), []).append(row)
-        if row.get("paired_model_images_per_sec"):
-            paired = {**row, "images_per_sec": row["paired_model_images_per_sec"]}
-            lines.setdefault((row["device"], row["precision"], PAIRED, *settings), []).append(paired)
+        pipeline = PAIRED if row["pipeline"] == "model" and row.get("paired") else row["pipeline"]
+        lines.setdefault((row["device"], row["precision"], pipeline, *settings), []).append(row)
+    drawn = {(key, r["mode"], r["batch_size"]) for key, found in lines.items() for r in found}
+    for row in measured:  # a trainer row alone (--pipeline trainer) carries the model's rate in its pairs
+        key = (row["device"], row["precision"], PAIRED, *(row[field] for field, _ in varying))
+        if row.get("paired_model_images_per_sec") and (key, row["mode"], row["batch_size"]) not in drawn:
+            lines.setdefault(key, []).append({**row, "images_per_sec": row["paired_model_images_per_sec"]})
     colours = {}  # one per device and precision, the same in every panel
     for key in lines:
         colours.setdefault(key[:2], f"C{len(colours) % 10}")

@@ -28,6 +28,8 @@ def load_results(path: str) -> list[dict[str, Any]]:
         raise UsageError(f"--compare: {path}: cannot read it ({error.strerror})") from None
     except ValueError as error:  # not JSON, or not text
         raise UsageError(f"--compare: {path} is not a toolkit.bench results file ({error})") from None
+    except RecursionError:  # JSON nested deeper than the parser's stack
+        raise UsageError(f"--compare: {path} is not a toolkit.bench results file (nested too deeply)") from None
     rows = document.get("results") if isinstance(document, dict) else None
     if not isinstance(rows, list):
         raise UsageError(f"--compare: {path} is not a toolkit.bench results file (no 'results' list)")

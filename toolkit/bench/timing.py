@@ -1,15 +1,25 @@
 """Timed windows on `devices.clock` (the one clock that waits for the device): the window built on it, the
-model-only windows through `torch.utils.benchmark.Timer`, and the paired trainer/model windows that are ours."""
+model-only windows through `torch.utils.benchmark.Timer`, and the paired trainer/model windows that are ours;
+a fixed number of windows, or as many as fill a time budget."""
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from toolkit import devices
+
+MAX_REPEATS = 100  # a budget never asks for more pairs than this (a fast device, short windows)
+
+
+class Timed(NamedTuple):
+    """Timed windows of one pipeline: the steps in each, and the seconds each took."""
+
+    steps: int
+    seconds: list[float]
 
 
 def timed(run: Callable[[int], Any], device: torch.device | str) -> Callable[[int], float]:
@@ -32,14 +42,19 @@ def repeated(step: Callable[[], Any]) -> Callable[[int], None]:
     return run
 
 
-def timer_windows(step: Callable[[], Any], device: torch.device | str, warmup: int, steps: int,
-                  repeats: int) -> list[float]:
-    """Seconds of `repeats` windows of `steps` calls of `step`, after `warmup` untimed calls, by
-    `torch.utils.benchmark.Timer`, which runs max(steps // 100, 2) untimed calls before each window."""
+def timer_windows(step: Callable[[], Any], device: torch.device | str, warmup: int, steps: int, repeats: int,
+                  budget_s: float = 0.0, warmed: Callable[[float], None] = lambda seconds: None) -> Timed:
+    """`repeats` windows of `steps` calls of `step` after `warmup` untimed calls, by `torch.utils.benchmark.Timer`
+    (which runs max(steps // 100, 2) untimed calls before each window). With `budget_s`, Timer's own
+    `blocked_autorange` instead: windows of as many calls as make timing overhead negligible, until they add up
+    to `budget_s`. `warmed` gets the seconds a call took in the warm-up."""
     timer = benchmark_timer("step()", {"step": step}, device)
     if warmup:
-        timer.timeit(warmup)
-    return [timer.timeit(steps).raw_times[0] for _ in range(repeats)]
+        warmed(timer.timeit(warmup).raw_times[0] / warmup)
+    if budget_s:
+        measured = timer.blocked_autorange(min_run_time=budget_s)
+        return Timed(measured.number_per_run, measured.raw_times)
+    return Timed(steps, [timer.timeit(steps).raw_times[0] for _ in range(repeats)])
 
 
 def benchmark_timer(stmt: str, names: dict[str, Any], device: torch.device | str) -> Any:
@@ -53,20 +68,23 @@ def benchmark_timer(stmt: str, names: dict[str, Any], device: torch.device | str
 
 
 def paired_windows(window: Callable[[int], float], partner: Callable[[int], float], warmup: int, steps: int,
-                   repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of `repeats` windows of `steps` steps of `window` (the trainer pipeline) after `warmup` untimed
-    steps, each paired with a window of `partner` (the model-only step) right before or after it in the same
-    process, the order alternating, so the drift of a shared machine's speed hits both alike."""
-    window(warmup)
-    partner(warmup)
+                   repeats: int, budget_s: float = 0.0,
+                   warmed: Callable[[float], None] = lambda seconds: None) -> tuple[Timed, Timed]:
+    """Windows of `steps` steps of `window` (the trainer pipeline) after `warmup` untimed steps, each paired with a
+    window of `partner` (the model-only step) right before or after it in the same process, the order
+    alternating, so the drift of a shared machine's speed hits both alike. `repeats` pairs; with `budget_s`, at
+    least `repeats` and then more until all the windows add up to `budget_s` (at most MAX_REPEATS). `warmed`
+    gets the seconds a pair of steps took in the warm-up."""
+    if warmup:
+        warmed((window(warmup) + partner(warmup)) / warmup)
     own, other = [], []
-    for repeat in range(repeats):
-        if repeat % 2:  # alternate which goes first, so neither always follows the other
+    while len(own) < repeats or (budget_s and sum(own) + sum(other) < budget_s and len(own) < MAX_REPEATS):
+        if len(own) % 2:  # alternate which goes first, so neither always follows the other
             other.append(partner(steps))
         own.append(window(steps))
-        if not repeat % 2:
+        if len(other) < len(own):
             other.append(partner(steps))
-    return own, other
+    return Timed(steps, own), Timed(steps, other)
 
 
 def spread(values: list[float]) -> dict[str, float]:
