@@ -4,16 +4,19 @@ work one process per machine does first (reading or downloading data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
-from toolkit.errors import UserError
+from toolkit.errors import UsageError, UserError
 
 T = TypeVar("T")
 
@@ -123,3 +126,111 @@ def one_line_of(error: BaseException) -> str:
     line = next((text.strip() for text in str(error).splitlines() if text.strip()), type(error).__name__)
     line = re.sub(r"^\[[^\]]*\]\s*", "", line)
     return line if len(line) <= 100 else line[:97] + "..."
+
+
+# ------------------------------------------------------------------ several machines
+def machine_index() -> int:
+    """This machine's index in the run (torchrun's GROUP_RANK; 0 without a launcher)."""
+    return int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0)))
+
+
+def same_everywhere(values: dict[str, Any]) -> None:
+    """A UsageError on every process unless every process was given the same `values` (flags whose value only the
+    main process would use, such as --output-dir): another machine's value is never ignored without a word."""
+    if not several_processes():
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (machine_index(), values))
+    main_machine, main_values = every[0]
+    for machine, given in every[1:]:
+        differ = [name for name in main_values if given.get(name) != main_values[name]]
+        if differ:
+            name = differ[0]
+            raise UsageError(f"{name} differs between the processes: {main_values[name] or '(none)'!s} on machine "
+                             f"{main_machine}, {given[name] or '(none)'!s} on machine {machine}: give every machine "
+                             f"the same {name}")
+
+
+def shared_with_every_machine(folder: Path, token: str | None) -> None:
+    """Every machine's first process checks that it sees the file `token` names, which the main process has just
+    written in `folder`: a run folder must be on storage all machines share (checkpoints are written by the main
+    process and read by every process on resume). A machine that does not see it stops every process with one
+    line, at start, rather than at the first resume."""
+    if not several_processes():
+        return
+    problem = None
+    first_here = os.environ.get("LOCAL_RANK", "0") == "0"
+    if first_here and dist.get_rank() != 0 and token and not (folder / token).exists():
+        problem = UsageError(f"--output-dir {folder} is not on storage that all machines share (machine "
+                             f"{machine_index()} cannot see what the main process wrote there): put the run folder "
+                             f"on a filesystem every machine mounts, at the same path")
+        problem.same_on_every_rank = False
+    raise_together(problem)
+
+
+# ------------------------------------------------------------------ one read, every process
+def from_main(value: Any, device: Any) -> Any:
+    """The main process's `value` (CPU tensors in dicts, lists, tuples and dataclasses, and plain values) on every
+    process: its tensors sent through the process group on `device` (NCCL's GPU or gloo's CPU) and given back on
+    the CPU, the rest as one small object. A checkpoint that every process needs is then read from storage once,
+    not once per process."""
+    if not several_processes():
+        return value
+    tensors: list[Any] = []
+    skeleton = [_hollow(value, tensors) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(skeleton, src=0)
+    received: list[Any] = []
+    for slot in _slots(skeleton[0]):
+        tensor = tensors[slot.index].to(device) if dist.get_rank() == 0 else \
+            torch.empty(slot.shape, dtype=slot.dtype, device=device)
+        dist.broadcast(tensor, src=0)
+        received.append(tensor.cpu())  # where `checkpoint.load` puts them (the random states must be on the CPU)
+    return _filled(skeleton[0], received)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor goes back: its place in the order sent, its shape and dtype."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+def _hollow(value: Any, tensors: list[Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _Slot(len(tensors) - 1, tuple(value.shape), value.dtype)
+    if isinstance(value, dict):
+        return {key: _hollow(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_hollow(item, tensors) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _hollow(getattr(value, f.name), tensors)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def _slots(value: Any) -> list[_Slot]:
+    if isinstance(value, _Slot):
+        return [value]
+    if isinstance(value, dict):
+        return [slot for item in value.values() for slot in _slots(item)]
+    if isinstance(value, (list, tuple)):
+        return [slot for item in value for slot in _slots(item)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [slot for f in dataclasses.fields(value) for slot in _slots(getattr(value, f.name))]
+    return []
+
+
+def _filled(value: Any, tensors: list[Any]) -> Any:
+    if isinstance(value, _Slot):
+        return tensors[value.index]
+    if isinstance(value, dict):
+        return {key: _filled(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_filled(item, tensors) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _filled(getattr(value, f.name), tensors)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value

@@ -29,6 +29,7 @@ import fcntl
 import itertools
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -39,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from toolkit.agreement import decided_on_main
+from toolkit.agreement import decided_on_main, same_everywhere, shared_with_every_machine
 from toolkit.errors import UsageError, UserError, one_line
 from toolkit.files import write_atomic
 
@@ -91,6 +92,7 @@ class RunFolder:
         self.status: str | None = None  # what run.json says, once this session wrote it
         self.discard = False
         self.released = False
+        self.token: str | None = None  # a file left for every machine to see, while they check
 
     # ------------------------------------------------------------------ what a run keeps here
     @property
@@ -177,6 +179,17 @@ class RunFolder:
         except OSError as error:
             self.announce(f"warning: could not record the run's state in {self.path / RECORD} ({error.strerror})")
 
+    # ------------------------------------------------------------------ what every machine must see
+    def leave_token(self) -> str:
+        """A file for every machine to find (`agreement.shared_with_every_machine`): its name."""
+        self.token = f".shared-{secrets.token_hex(8)}"
+        (self.path / self.token).write_text(f"{HOST} {os.getpid()}\n")
+        return self.token
+
+    def take_token(self) -> None:
+        if self.owner and self.token:
+            (self.path / self.token).unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ the end
     def release(self) -> None:
         """Give the folder up: a discarded run's files go, the lock file is removed and the lock dropped, and the
@@ -209,16 +222,21 @@ def claim(output_dir: str, resume: str, main_process: bool = True, announce: Ann
     resume`, held for the `with` block. Every process calls it: the main process checks and takes the folder, and
     the others learn its path, or its refusal (then every process fails with it; only the main process reports
     it). Leaving the block with an error records it (`RunFolder.failed`); leaving it anyhow lets the folder go."""
+    same_everywhere({"--output-dir": output_dir, "--resume": resume})
     folder: RunFolder | None = None
 
-    def take_on_main() -> str:
+    def take_on_main() -> tuple[str, str]:
         nonlocal folder
         folder = take(output_dir, resume, announce)
-        return str(folder.path)
+        return str(folder.path), folder.leave_token()
 
-    path = decided_on_main(take_on_main, main_process)
+    path, token = decided_on_main(take_on_main, main_process)
     folder = folder or RunFolder(Path(path), owner=False, announce=announce)
     try:
+        try:
+            shared_with_every_machine(folder.path, token)
+        finally:
+            folder.take_token()
         yield folder
     except BaseException as error:
         folder.failed(error)

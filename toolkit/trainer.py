@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from toolkit import checkpoint, devices, plots, report
+from toolkit.agreement import from_main
 from toolkit.assemble import Parts
 from toolkit.checkpoint import Checkpoint, TrainProgress
 from toolkit.clock import RunClock
@@ -419,9 +420,11 @@ class Trainer:
         self.clock.wall_before = self.progress.wall_seconds
 
     def resume(self, chosen: Checkpoint | None, path: Path) -> None:
-        """Continue from the checkpoint at `path`: `chosen`, already loaded and checked by the main process
-        (`saver.chosen_for_resume`), or read here (the other processes)."""
-        self.load_state_dict(chosen or checkpoint.load(path))
+        """Continue from the checkpoint at `path`, which the main process has loaded and checked (`chosen`,
+        `saver.chosen_for_resume`): the other processes receive it from it rather than read it again (at 64
+        processes, 64 reads of 0.75 GB from shared storage at once)."""
+        state = chosen if self.world_size == 1 else from_main(chosen, self.runtime.torch_device)
+        self.load_state_dict(state)
         self.folder.starts_at(self.progress.step)
 
     def save_checkpoint(self) -> None:
