@@ -196,7 +196,7 @@ def test_two_machines_train_are_preempted_requeued_and_finish(tmp_path):
             assert (f"+ accelerate launch --multi_gpu --num_machines 2 --num_processes 2 --machine_rank {rank} "
                     f"--main_process_ip 127.0.0.1 --main_process_port {port} ") in attempt, attempt
         assert "--mixed_precision bf16" not in attempt and "processes: 2 (MULTI_CPU)" in attempt, attempt
-    assert "SIGTERM received" in attempts[1] and f"requeueing job {job}" in attempts[1]
+    assert "stopped at step" in attempts[1] and f"requeueing job {job}" in attempts[1]
     assert f"resumed: {out / 'checkpoints'}" in attempts[2] and "not requeued" not in attempts[2]
     assert "Traceback" not in text, text
     last = checkpoint.load(checkpoint.step_dir(out / "checkpoints", 4))
