@@ -14,6 +14,7 @@ signal handling is in place: a Ctrl-C while torch loads is one line, not a trace
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,6 +106,7 @@ def startup_warnings(parts: Parts, trainer: Any) -> list[str]:
     if run.is_main:
         said.append(trainer.saver.disk_warning())
     said.append(warmup_warning(config.warmup_steps, parts.training.total_steps))
+    said.append(elastic_store_warning())
     said.extend(f"warning: {key} has no effect" for key in config.without_effect())
     if config.batch_size > data.train.images_per_rank:
         said.append(f"note: batch_size {config.batch_size} is more than the {data.train.images_per_rank:,} training "
@@ -122,6 +124,17 @@ def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
     return (f"warning: warmup_steps {warmup_steps} is not below the run's {total_steps} optimizer steps: the "
             f"learning rate rises for the whole run and never decays (the warm-up is squeezed into the run, reaching "
             f"the peak lr at its last step); lower --warmup-steps")
+
+
+def elastic_store_warning() -> str | None:
+    """torchrun --max-restarts lends the workers its agent's store and keeps it across restarts: a restarted group
+    may read the dead group's addresses there and fail to connect, or hang (pytorch#135712; docs/distributed.md)."""
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") == "0" or \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return ("warning: torchrun --max-restarts shares its agent's store with the workers across restarts: a restarted "
+            "group may fail to connect or hang; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(docs/distributed.md)")
 
 
 def profile_warning(config: TrainConfig, step: int, total_steps: int) -> str | None:
