@@ -193,3 +193,20 @@ def test_compile_resumes_an_eager_checkpoint_and_back_with_plain_weight_names(tm
     with tiny_trainer(tmp_path, max_steps=4, resume="auto", **steps) as back:
         assert back.progress.step == 3 and back.train() == 0
     assert (folder / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+
+
+def test_compile_modes_reach_torch_compile(tmp_path, monkeypatch):
+    """`compile_mode: reduce-overhead` (CUDA graphs on a GPU) is torch.compile's own mode; dynamo's eager backend
+    stands in for inductor on the CPU, and a step runs through the compiled model."""
+    modes, real = [], torch.compile
+
+    def compile_eagerly(model, mode=None, **kwargs):
+        modes.append(mode)
+        return real(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    with tiny_trainer(tmp_path, compile=True, compile_mode="reduce-overhead", train_samples=64) as trainer:
+        assert type(trainer.net.model).__name__ == "OptimizedModule"
+        trainer.train_steps(1)
+        assert trainer.progress.step == 1
+    assert modes == ["reduce-overhead"]

@@ -167,7 +167,7 @@ def training(config: TrainConfig, run: Runtime, data: Data) -> Training:
     schedule = build_schedule(optimizer, config, total_steps)
     wrapped, optimizer = run.accelerator.prepare(network, optimizer)
     # compiled around the DDP wrapper, whose hooks it then keeps (DDPOptimizer)
-    model = torch.compile(wrapped) if config.compile else wrapped
+    model = torch.compile(wrapped, mode=config.compile_mode) if config.compile else wrapped
     # A fused optimizer skips an update on the device when told the loss was not finite (where its kernel reads
     # the flag: not on MPS, see devices.honours_found_inf); under fp16 the gradient scaler does that itself.
     skip_on_device = devices.honours_found_inf(run.device, config.optimizer, run.precision) \

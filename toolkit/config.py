@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 INITS = ("kaiming", "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive")
 # The trainer seeds numpy with seed + rank (numpy takes < 2**32) and torch with seed * 1_000_003 + epoch
 # (< 2**64): at most 2**31 - 1 leaves both valid for any number of processes.
@@ -54,7 +55,7 @@ RESUMABLE_CHANGES = frozenset({
     "data_dir", "download", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_last", "resume",
     "dist_timeout_s", "cpu_threads", "max_steps", "compile", "eval_every_steps", "target_accuracy",
     "early_stop_patience", "time_limit", "profile_steps", "log_with", "eval_batch_size", "deterministic",
-    "save_checkpoints", "tf32",
+    "save_checkpoints", "tf32", "compile_mode",
     # where it runs: another device continues the same recipe (its random state re-seeded, said so)
     "device",
     # compared as resolved by the trainer (auto may be the checkpoint's bf16): listed once, there
@@ -194,6 +195,10 @@ class TrainConfig:
                                          "true or false", choices=("auto", "true", "false"))
     compile: bool = _option(False, "torch.compile the model: a slower first step, faster steps after (a run "
                                    "resumes from a checkpoint saved with or without it)")
+    compile_mode: str = _option("default", "torch.compile's mode with compile on: default; reduce-overhead (CUDA "
+                                           "graphs: the host's per-step work replayed by the GPU, for small batches "
+                                           "on fast GPUs; on other devices the same as default); max-autotune",
+                                choices=COMPILE_MODES)
     cpu_threads: int = _option(0, "torch threads per process on the CPU (0 = the cores divided by the local "
                                   "processes; more than the cores is lowered to them, saying so)", minimum=0,
                                maximum=MAX_THREADS)

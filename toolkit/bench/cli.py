@@ -17,7 +17,7 @@ from toolkit.bench.plan import FULL, PROG, QUICK, Case, plan
 from toolkit.bench.progress import Progress
 from toolkit.bench.results import default_json_path, document, results_dir
 from toolkit.bench.worker import Stopped, run_in_processes, stopped_by_signals
-from toolkit.config import PRECISIONS, ArgumentParser, TrainConfig, coerce
+from toolkit.config import COMPILE_MODES, PRECISIONS, ArgumentParser, TrainConfig, coerce
 from toolkit.errors import UsageError, exit_on_user_error
 from toolkit.files import Outputs
 
@@ -85,6 +85,8 @@ def build_parser() -> ArgumentParser:
                         help="channels-last memory format (default: what the trainer uses on the device)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (warm-up includes "
                                                                "compilation: give it a few steps)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile's mode with --compile: reduce-overhead is CUDA graphs (default default)")
     parser.add_argument("--image-size", default=TrainConfig.image_size, metavar="PX",
                         type=config_value("image_size", "--image-size"),
                         help=f"input size in pixels, at least 65 (default {TrainConfig.image_size})")

@@ -66,12 +66,18 @@ class Case:
     recipe: str = ""  # trainer config YAML the run starts from ('' = the trainer's defaults)
     requested_precision: str = ""  # as asked for (`auto` included): lines devices up side by side
     budget_s: float = 0.0  # timed windows go on until they add up to this (0: exactly `repeats`)
+    compile_mode: str = "default"  # torch.compile's mode, with `compile`
 
     def label(self) -> str:
         pipeline = "trainer paired with model" if self.pipeline == "both" else self.pipeline
         return (f"{self.device} {self.mode} {pipeline} batch {self.batch_size} {self.precision}"
-                f"{' channels_last' if self.channels_last else ''}{' compiled' if self.compile else ''}"
+                f"{' channels_last' if self.channels_last else ''}{self.compiled()}"
                 f" {self.image_size}px")
+
+    def compiled(self) -> str:
+        if not self.compile:
+            return ""
+        return " compiled" + (f" ({self.compile_mode})" if self.compile_mode != "default" else "")
 
     def pipelines(self) -> tuple[str, ...]:
         """The rows it makes, one per pipeline."""
@@ -128,7 +134,7 @@ def plan(args: argparse.Namespace, announce: Callable[[str], None]) -> tuple[lis
                               precision=precision, channels_last=channels_last, compile=args.compile,
                               image_size=args.image_size, warmup=windows.warmup, steps=windows.steps,
                               repeats=windows.repeats, recipe=args.config, requested_precision=wanted,
-                              budget_s=windows.budget_s))
+                              budget_s=windows.budget_s, compile_mode=getattr(args, "compile_mode", "default")))
     if args.compile and "infer" in modes and cases:
         announce("note: --compile compiles the training step; infer rows run the trainer's evaluated weights, "
                  "which it does not compile")
@@ -176,7 +182,8 @@ def trainer_config(case: Case, data_dir: Path, output_dir: Path) -> TrainConfig:
     eval_batches = case.steps if trainer_pipeline and case.mode == "infer" else 1
     overrides = {
         "device": case.device, "precision": case.precision, "channels_last": str(case.channels_last).lower(),
-        "compile": case.compile, "image_size": case.image_size, "batch_size": batch, "eval_batch_size": batch,
+        "compile": case.compile, "compile_mode": case.compile_mode, "image_size": case.image_size,
+        "batch_size": batch, "eval_batch_size": batch,
         # whole batches only: the windows may run on into the next epoch, and a short last batch in one would
         # change the shapes (cuDNN autotuning, recompilation) and the images a window is counted for
         "train_samples": min(train_batches, MNIST_TRAIN_IMAGES // batch) * batch,
