@@ -308,12 +308,17 @@ def test_seed_is_bounded_for_every_generator():
 
 
 def test_largest_seed_suits_the_generators_the_trainer_seeds():
-    import numpy as np
-    import torch
+    """The code that seeds, called with the largest seed: the per-process seed of the 1024th process
+    (accelerate's set_seed, which seeds Python, numpy and torch) and the data order of epoch 10,000."""
+    from accelerate.utils import set_seed
+
+    from toolkit.data import epoch_permutation
 
     ranks = 1024
-    np.random.seed(MAX_SEED + ranks - 1)  # set_seed(seed + rank)
-    torch.Generator().manual_seed(MAX_SEED * 1_000_003 + 10_000)  # data order: seed * 1_000_003 + epoch
+    set_seed(MAX_SEED + ranks - 1)  # assemble.training: set_seed(seed + rank)
+    assert len(epoch_permutation(10, MAX_SEED, 10_000)) == 10
+    with pytest.raises(ValueError):  # one past it fails numpy, whose seeds stop at 2**32 - 1
+        set_seed(2**32)
 
 
 # ------------------------------------------------------------------ new keys
@@ -398,7 +403,8 @@ def test_trackers_are_in_order_each_once():
 
 
 def test_help_lists_every_key_with_its_default():
-    text = " ".join(build_parser("toolkit.train", "Train.").format_help().split())
+    # argparse wraps lines at hyphens too ("reduce-" / "overhead"): joined back without the space
+    text = " ".join(build_parser("toolkit.train", "Train.").format_help().split()).replace("- ", "-")
     for name, spec in FIELDS.items():
         flag = f"--{name.replace('_', '-')}"
         if type(spec.default) is bool:

@@ -195,9 +195,9 @@ class TrainConfig:
                                          "true or false", choices=("auto", "true", "false"))
     compile: bool = _option(False, "torch.compile the model: a slower first step, faster steps after (a run "
                                    "resumes from a checkpoint saved with or without it)")
-    compile_mode: str = _option("default", "torch.compile's mode with compile on: default; reduce-overhead (CUDA "
-                                           "graphs: the host's per-step work replayed by the GPU, for small batches "
-                                           "on fast GPUs; on other devices the same as default); max-autotune",
+    compile_mode: str = _option("default", "torch.compile's mode with compile on: default, reduce-overhead (CUDA "
+                                           "graphs: the GPU replays each step's host work, for small batches on fast "
+                                           "GPUs; elsewhere as default) or max-autotune",
                                 choices=COMPILE_MODES)
     cpu_threads: int = _option(0, "torch threads per process on the CPU (0 = the cores divided by the local "
                                   "processes; more than the cores is lowered to them, saying so)", minimum=0,

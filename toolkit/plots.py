@@ -12,13 +12,10 @@ display, safe inside a training process.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from toolkit.files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,11 +150,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")  # (H, W, 3): RGB
     return buffer.getvalue()
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    """Write an RGB uint8 (H, W, 3) image to `path` as PNG, atomically (a reader never finds half of one)."""
-    write_atomic(Path(path), png_bytes(image))
 
 
 def _colormap(name: str) -> Any:

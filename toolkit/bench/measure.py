@@ -17,7 +17,7 @@ from toolkit import devices, peaks
 from toolkit.bench import timing
 from toolkit.bench.plan import Case, data_for, trainer_config
 from toolkit.bench.results import blank_row
-from toolkit.errors import UserError
+from toolkit.errors import UserError, one_line
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -53,10 +53,10 @@ def run_case(case: Case, known: dict[str, Any],
     trainer = None
     with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as scratch, contextlib.ExitStack() as run:
         try:
-            data_dir, facts["data"] = data_for(case, Path(scratch))
+            data_dir, splits, facts["data"] = data_for(case, Path(scratch))
             with signals_as_before():
                 trainer = run.enter_context(training_run(trainer_config(case, data_dir, Path(scratch) / "run"),
-                                                         quiet=True))
+                                                         quiet=True, splits=splits, source=facts["data"]))
             device = trainer.accelerator.device
             facts.update(device_name=devices.name(device), processes=trainer.world_size)
             devices.reset_peak_memory(device)
@@ -69,9 +69,9 @@ def run_case(case: Case, known: dict[str, Any],
                 row["mfu"] = row["achieved_tflops"] / row["peak_tflops"]
         except Exception as error:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
             if devices.is_out_of_memory(error):
-                status, message = "oom", first_line(error)
+                status, message = "oom", one_line(error)
             else:
-                status, message = "error", f"{type(error).__name__}: {first_line(error)}"
+                status, message = "error", one_line(error)
                 if not isinstance(error, UserError):
                     traceback.print_exc()
             rows = [{**row, **facts, "status": status, "message": message} for row in blank]
@@ -132,11 +132,6 @@ def rates(case: Case, pipeline: str, measured: dict[str, timing.Timed], processe
             found["trainer_over_model"] = statistics.median(m / s for s, m in zip(seconds, model, strict=True))
             found["paired_model_images_per_sec"] = statistics.median(images / m for m in model)
     return found
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def run_cases(cases: list[Case], known: dict[str, Any],

@@ -8,12 +8,13 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from toolkit import devices
 from toolkit.config import TrainConfig, from_dict, read_yaml
-from toolkit.data import mnist_present, require_mnist, resolve_data_dir, write_idx
+from toolkit.data import mnist_present, require_mnist, resolve_data_dir
 from toolkit.errors import UsageError
 
 PROG = "toolkit.bench"
@@ -194,25 +195,23 @@ def trainer_config(case: Case, data_dir: Path, output_dir: Path) -> TrainConfig:
     return from_dict(overrides, source=PROG, base=base)
 
 
-def data_for(case: Case, scratch: Path) -> tuple[Path, str]:
-    """(folder holding MNIST/raw/, "mnist" or "synthetic")."""
+def data_for(case: Case, scratch: Path) -> tuple[Path, Any, str]:
+    """(the folder holding MNIST/raw/, the images to train on instead (None: MNIST), "mnist" or "synthetic")."""
     root = resolve_data_dir()
     if mnist_present(root):
-        return root, "mnist"
+        return root, None, "mnist"
     if case.paired():
         require_mnist_for_trainer(root)
     config = trainer_config(case, root, scratch)
-    return write_synthetic_mnist(scratch / "data", config.train_samples, config.eval_samples), "synthetic"
+    return root, synthetic_splits(config.train_samples, config.eval_samples), "synthetic"
 
 
-def write_synthetic_mnist(root: Path, train_images: int, test_images: int) -> Path:
-    """Random uint8 images in MNIST's own file format under root/MNIST/raw/, so the model pipeline runs the real
-    Trainer where MNIST is absent (the timing of a fixed batch does not depend on its pixels)."""
+def synthetic_splits(train_images: int, test_images: int) -> tuple[Any, Any]:
+    """Random uint8 images and labels, a training and a test split, handed to the trainer in place of MNIST where
+    it is absent: the model pipeline's timing of a fixed batch does not depend on its pixels."""
     generator = torch.Generator().manual_seed(0)
-    for train, count in ((True, train_images), (False, test_images)):
-        images = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=generator)
-        write_idx(root, train, images, torch.randint(0, 10, (count,), generator=generator))
-    return root
+    return tuple((torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=generator),
+                  torch.randint(0, 10, (count,), generator=generator)) for count in (train_images, test_images))
 
 
 def require_mnist_for_trainer(root: Path) -> None:
