@@ -411,7 +411,7 @@ def test_help_lists_every_key_with_its_default():
             assert f"{flag}, --no-{name.replace('_', '-')}" in text
         else:
             assert flag in text
-        assert f"{spec.metadata['help']} [default: {spec.default!r}]" in text, name
+        assert f"{spec.metadata['help']} [default: {spec.default!r}]".replace("- ", "-") in text, name
 
 
 # ------------------------------------------------------------------ resuming
