@@ -12,12 +12,14 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 EPOCH_COLUMNS = (("epoch", "epoch"), ("train loss", "train_loss"), ("eval loss", "eval_loss"),
                  ("accuracy", "eval_accuracy"), ("time", "epoch_s"), ("images/s", "images_per_sec"))
@@ -80,6 +82,18 @@ class Survivor:
         return getattr(self.stream, "encoding", None) or "utf-8"
 
 
+class LiveBars(Progress):
+    """rich's Progress with a line of its own under the bars (where the time goes), so that the bars keep their
+    width in a 100-column terminal."""
+
+    detail = ""
+
+    def get_renderables(self) -> Iterator[Any]:
+        yield self.make_tasks_table(self.tasks)
+        if self.detail:
+            yield Text(self.detail, style="dim", no_wrap=True, overflow="ellipsis")
+
+
 class TrainConsole:
     def __init__(self, enabled: bool) -> None:
         self.console = Console(file=Survivor(sys.stdout), quiet=not enabled, highlight=False)
@@ -88,7 +102,7 @@ class TrainConsole:
         self.enabled = enabled
         self.log_file: IO[str] | None = None
         self.progress: Progress | None = None
-        self.task = None
+        self.task = self.run_task = self.eval_task = None
         self.epoch_label = ""
         self.started = time.perf_counter()
         self.done_at_start = self.total_steps = 0
@@ -117,62 +131,98 @@ class TrainConsole:
                 self.console.print(line, markup=False)
         self._logged(*lines)
 
-    def header(self, facts: dict[str, Any], config: dict[str, Any]) -> None:
+    def header(self, facts: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any] | None = None,
+               config_file: str = "") -> None:
+        """The facts of the run, and its config: in full in the log; on a terminal, the keys set away from their
+        `defaults` (all of it is in `config_file`)."""
         config_line = "config: " + " ".join(f"{k}={v}" for k, v in config.items())
         if self.live:
             table = Table.grid(padding=(0, 2))
             for key, value in facts.items():
                 table.add_row(f"[bold]{key}[/]", str(value))
+            changed = {k: v for k, v in config.items() if defaults is None or defaults.get(k) != v}
+            table.add_row("[bold]config[/]", Text((" ".join(f"{k}={v}" for k, v in changed.items()) or "the defaults")
+                                                  + (f"; the rest as the defaults: all of it in {config_file}"
+                                                     if config_file else ""), style="dim"))
             self.console.print(table)
-            self.console.print("[dim]" + config_line.replace("[", "\\[") + "[/]")
         self._plain(" | ".join(f"{k}: {v}" for k, v in facts.items()), config_line)
 
-    def epoch_started(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
+    def epoch_started(self, epoch: int, epochs: int, total_steps: int, done_steps: int, run_done: int = 0,
+                      run_total: int = 0) -> None:
+        """An epoch (re)starts at `done_steps` of its `total_steps`; the run at `run_done` of `run_total`."""
         self.epoch_label = f"epoch {epoch + 1}/{epochs}"
         self.started = time.perf_counter()
         self.done_at_start = done_steps
         self.total_steps = total_steps
-        if self.live:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]}"),
-                                     TextColumn("{task.fields[rate]} img/s"),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                     console=self.console, transient=True)
+        if not self.live:
+            return
+        if self.progress is None:  # one live display for the whole run: a bar for the epoch, one for the run
+            self.progress = LiveBars(TextColumn("{task.description}"), BarColumn(bar_width=28), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), console=self.console, transient=True,
+                                     refresh_per_second=4)
             self.progress.start()
+            self.run_task = self.progress.add_task("run", total=run_total, completed=run_done,
+                                                   info="time so far and left: after the first steps")
             self.task = self.progress.add_task(self.epoch_label, total=total_steps, completed=done_steps,
-                                               loss="-", rate="-")
+                                               info="loss, images/s: after the first step")
+        else:
+            self.progress.update(self.task, description=self.epoch_label, total=total_steps, completed=done_steps)
 
-    def advance(self, done_steps: int) -> None:
-        """Called after every step: moves the live bar (nothing to read from the device)."""
+    def advance(self, done_steps: int, run_done: int | None = None) -> None:
+        """Called after every step: moves the live bars (nothing to read from the device)."""
         if self.progress is not None:
             self.progress.update(self.task, completed=done_steps)
+            if run_done is not None:
+                self.progress.update(self.run_task, completed=run_done)
 
-    def log(self, done_steps: int, metrics: dict[str, float | None], first_window: bool = False) -> None:
-        """Called at log steps with the loss, speed and memory of all processes since the last log."""
+    def log(self, done_steps: int, metrics: dict[str, float | None], first_window: bool = False,
+            run: dict[str, float | None] | None = None, peek: bool = False) -> None:
+        """Called at log steps with the loss, speed and memory of all processes since the last log, and `run`:
+        the run's time so far and left (`elapsed_s`, `eta_s`). A `peek` (the first steps of a session, on a
+        terminal only) moves the live bars and writes no line."""
         if not self.enabled:
             return
         loss = metrics["train/loss"]
         loss_text = f"{loss:.4f}" if loss is not None else "-"
         rate = f"{metrics['perf/images_per_sec']:,.0f}"
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done_steps, loss=loss_text, rate=rate)
-        eta = _eta(time.perf_counter() - self.started, done_steps - self.done_at_start,
-                   self.total_steps - done_steps)
-        line = f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss_text} images/s {rate}"
+        epoch_eta = _eta(time.perf_counter() - self.started, done_steps - self.done_at_start,
+                         self.total_steps - done_steps)
+        where = []  # where the time goes
         if "perf/data_ms_per_step" in metrics:
             data, step = metrics["perf/data_ms_per_step"], metrics["perf/step_ms"]
-            line += f" data {100 * data / max(data + step, 1e-9):.0f}%"
+            where.append(f"data {100 * data / max(data + step, 1e-9):.0f}%")
         if "perf/mfu" in metrics:
-            line += f" {metrics['perf/tflops']:.2f} TFLOP/s ({metrics['perf/mfu']:.0%} of peak)"
+            where.append(f"{metrics['perf/tflops']:.2f} TFLOP/s ({metrics['perf/mfu']:.0%} of peak)")
         if "memory/peak_gib" in metrics:
-            line += f" mem {metrics['memory/peak_gib']:.1f} GiB"
-        self._plain(f"{line} eta {eta}" + (" (first window: warm-up included)" if first_window else ""))
+            where.append(f"mem {metrics['memory/peak_gib']:.1f} GiB")
+        left = _duration(run["eta_s"]) if run and run.get("eta_s") is not None else None
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done_steps,
+                                 info=f"loss {loss_text} · {rate} img/s · epoch ETA {epoch_eta}")
+            elapsed = _duration(run["elapsed_s"]) if run else "-"
+            self.progress.update(self.run_task, info=f"{elapsed} so far" + (f", about {left} left" if left else ""))
+            self.progress.detail = "where the time goes: " + " · ".join(where) if where else ""
+        if peek:
+            return
+        line = f"{self.epoch_label} step {done_steps}/{self.total_steps} loss {loss_text} images/s {rate}"
+        line += "".join(f" {part}" for part in where)
+        line += f" eta {epoch_eta}" + (f" (run: {left} left)" if left else "")
+        self._plain(line + (" (first window: warm-up included)" if first_window else ""))
+
+    def evaluating(self, batches: int) -> Callable[[], None]:
+        """An evaluation starts: a bar for its batches on a terminal; the callback moves it (no host sync)."""
+        if self.progress is None:
+            return lambda: None
+        task = self.progress.add_task("evaluating", total=batches, info="")
+        self.eval_task = task
+        return lambda: self.progress.advance(task) if self.progress is not None else None
 
     def evaluated(self, record: dict[str, Any]) -> None:
         """An evaluation: at an epoch's end ("epoch 2/8 done") or within one (`eval_every_steps`)."""
         label = self.epoch_label + (" done" if record["complete"] else f" step {record['step']} evaluated")
-        if record["complete"]:
-            self._stop_progress()
+        if self.progress is not None and self.eval_task is not None:
+            self.progress.remove_task(self.eval_task)
+            self.eval_task = None
         if self.live:
             table = Table(title=label, title_justify="left")
             for title, _ in EPOCH_COLUMNS:
@@ -206,13 +256,13 @@ class TrainConsole:
         self._plain(*(f"rank {row['rank']}: {row['images']:,} images in {row['seconds']:.1f}s, "
                       f"{row['images_per_sec']:,.0f} images/s, {row['step_ms']:.1f} ms/step" for row in rows))
 
-    def _stop_progress(self) -> None:
+    def close_live(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
     def close(self) -> None:
-        self._stop_progress()
+        self.close_live()
         if self.log_file is not None:
             with contextlib.suppress(OSError):
                 self.log_file.close()
@@ -224,3 +274,13 @@ def _eta(elapsed: float, done: int, remaining: int) -> str:
         return "-"
     seconds = int(elapsed / done * remaining)
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 12m05s, 45s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

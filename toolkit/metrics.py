@@ -9,7 +9,7 @@ test-set size. On request it also keeps the first K misclassified examples, exac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,14 +55,16 @@ class EvalCountError(RuntimeError):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             accelerator: Accelerator, expected_count: int, keep_misclassified: int = 0) -> EvalResult:
+             accelerator: Accelerator, expected_count: int, keep_misclassified: int = 0,
+             on_batch: Callable[[], None] | None = None) -> EvalResult:
     """Evaluate `model` (not DDP-wrapped: no collectives inside) on this process's batches and add the sums
     of all processes. Raises EvalCountError if the processes together saw other than `expected_count`.
 
     `keep_misclassified` K > 0 also returns the first K misclassified examples of the whole set (`misclassified`):
     each process keeps its batches' predictions on the device (8 bytes an image, no host sync in the loop), picks
     the first K wrong ones of its slice after the loop, and the picks are gathered in rank order, which is the
-    set's order. K = 0 adds nothing to the loop."""
+    set's order. K = 0 adds nothing to the loop. `on_batch` is called after each batch is queued (a progress
+    bar: it reads nothing from the device)."""
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -83,6 +85,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             if keep_misclassified:
                 predictions.append(predicted)
                 seen_labels.append(labels)
+            if on_batch:
+                on_batch()
     model.train(was_training)
     # counts are integers, so they add exactly across processes
     loss_sum = accelerator.reduce(loss_sum, reduction="sum")

@@ -45,7 +45,7 @@ class RunReport:
         self.trackers = tracking.Trackers(self.parts.runtime.accelerator, config.trackers, self.folder.path,
                                           purge_step=progress.step + 1 if resumed else None)
         self.trackers.log_config(to_yaml(config), config.to_dict())
-        self.console.header(facts, config.to_dict())
+        self.console.header(facts, config.to_dict(), TrainConfig().to_dict(), str(self.folder.config_file))
         self.trackers.log_text("run", "\n".join(f"{k}: {v}" for k, v in facts.items()))
         for warning in warnings:
             self.console.print(warning)
@@ -57,22 +57,42 @@ class RunReport:
     def should_log(self, step: int) -> bool:
         return step % self.config.log_every_steps == 0
 
-    def epoch_started(self, epoch: int, epoch_step: int) -> None:
-        self.console.epoch_started(epoch, self.config.epochs, self.parts.training.steps_per_epoch, epoch_step)
+    def should_peek(self, session_steps: int) -> bool:
+        """Whether the live bar shows values before the first log step: at a session's steps 1, 2, 4, 8... below
+        `log_every_steps`, on a terminal only (each is a host sync; a log read by no one needs none)."""
+        return self.console.live and session_steps < self.config.log_every_steps and \
+            session_steps & (session_steps - 1) == 0
 
-    def advanced(self, epoch_step: int) -> None:
-        self.console.advance(epoch_step)
+    def run_steps(self) -> int:
+        """The optimizer steps this run takes in all: its epochs', or `max_steps`."""
+        total = self.parts.training.total_steps
+        return min(total, self.config.max_steps) if self.config.max_steps else total
 
-    def logged(self, step: int, epoch_step: int, metrics: dict[str, Any], first_window: bool = False) -> None:
-        """A log step: the window's loss (None when no step ran in it), speed, time split and memory. The
-        session's first window holds its warm-up (the first steps' kernel choices), and says so."""
-        self.console.log(epoch_step, metrics, first_window)
+    def epoch_started(self, epoch: int, epoch_step: int, step: int) -> None:
+        self.console.epoch_started(epoch, self.config.epochs, self.parts.training.steps_per_epoch, epoch_step,
+                                   run_done=step, run_total=self.run_steps())
+
+    def advanced(self, epoch_step: int, step: int) -> None:
+        self.console.advance(epoch_step, step)
+
+    def logged(self, step: int, epoch_step: int, metrics: dict[str, Any], first_window: bool = False,
+               run: dict[str, float | None] | None = None, peek: bool = False) -> None:
+        """A log step: the window's loss (None when no step ran in it), speed, time split and memory, and the
+        run's time so far and left. The session's first window holds its warm-up (the first steps' kernel
+        choices), and says so. A `peek` goes to the live bar only."""
+        self.console.log(epoch_step, metrics, first_window, run, peek)
+        if peek:
+            return
         if metrics["train/loss"] is not None:
             self.trackers.log(metrics, step)
 
     def skipped(self, count: int, step: int) -> None:
         """fp16 steps the gradient scaler skipped so far (inf or NaN gradients)."""
         self.trackers.log({"train/skipped_steps": count}, step)
+
+    def evaluating(self, batches: int) -> Any:
+        """An evaluation of `batches` batches starts: the callback its loop calls after each one."""
+        return self.console.evaluating(batches)
 
     def evaluated(self, record: dict[str, Any], images: dict[str, np.ndarray] | None) -> None:
         """An evaluation's record (metrics.jsonl, the console, the trackers' curves) and, on the main process, its
@@ -95,6 +115,7 @@ class RunReport:
     # ------------------------------------------------------------------ the end
     def finished(self, ranks: list[dict[str, Any]], stop_line: str | None, summary: dict[str, str],
                  profile: tuple[Path, str] | None) -> None:
+        self.console.close_live()  # the bars go before the last lines, whatever a ^C echoed into them
         self.console.ranks(ranks)
         if stop_line:
             self.console.print(stop_line)

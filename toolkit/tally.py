@@ -50,6 +50,11 @@ class StepTally:
     def add_skipped(self, skipped: torch.Tensor) -> None:
         self.skipped_steps += skipped.to(self.dtype)
 
+    def peek(self) -> tuple[float, int]:
+        """This process's loss sum and images since the last reading (one host sync), the window left open: for
+        the live bar's first values, before the first log step."""
+        return float(self.loss_sum), self.images
+
     def read(self) -> Reading:
         """The sums so far (one host sync), then start a new window of loss sums."""
         loss_sum, first_bad, skipped = torch.stack([self.loss_sum, self.first_bad_step, self.skipped_steps]).tolist()

@@ -11,6 +11,7 @@ The loop asks its collaborators when to act, each keeping its own time: the repo
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -103,7 +104,7 @@ class Trainer:
     def train_epoch(self) -> None:
         """Train from the saved position to the end of the epoch, or until the run stops."""
         progress, main = self.progress, self.runtime.is_main
-        self.report.epoch_started(progress.epoch, self._epoch_step())
+        self.report.epoch_started(progress.epoch, self._epoch_step(), progress.step)
         self.net.model.train()
         self.clock.epoch_begins(progress.train_seconds, progress.epoch_images)
         self._start_clock()
@@ -167,9 +168,11 @@ class Trainer:
         progress.batch += len(batches)
         self.clock.stepped(sum(len(labels) for _, labels in batches))
         self.profiler.after_step(progress.step)
-        self.report.advanced(self._epoch_step())
+        self.report.advanced(self._epoch_step(), progress.step)
         if self.report.should_log(progress.step):
             self._log()
+        elif self.report.should_peek(self.clock.session_steps):
+            self._peek()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One optimizer step on one batch of this process's (no accumulation), counted as the loop counts its
@@ -266,9 +269,27 @@ class Trainer:
         if self.runtime.is_main:
             efficiency = self.efficiency(rate)
             metrics["perf/tflops"], metrics["perf/mfu"] = efficiency["tflops"], efficiency["mfu"]
-        self.report.logged(self.progress.step, self._epoch_step(), metrics, first_window=first)
+        self.report.logged(self.progress.step, self._epoch_step(), metrics, first_window=first, run=self._run_time())
         self.clock.restart_window()  # what the logging took is not the next window's
         self.timer.restart()
+
+    def _peek(self) -> None:
+        """The live bar's first values, before the first log step: this process's loss and speed so far (its
+        images times the processes), on the bar only; the window stays open."""
+        loss_sum, images = self.tally.peek()
+        seconds = self.clock.window_so_far()
+        metrics = {"train/loss": loss_sum / images if images else None,
+                   "perf/images_per_sec": images * self.world_size / max(seconds, 1e-9)}
+        self.report.logged(self.progress.step, self._epoch_step(), metrics, run=self._run_time(), peek=True)
+
+    def _run_time(self) -> dict[str, float | None]:
+        """The run's wall time so far, and its time left: the steps left at the smoothed time a step, and the
+        evaluations left at the last one's time."""
+        config, step = self.config, self.progress.step
+        steps_left = max(0, self.report.run_steps() - step)
+        evaluations_left = config.epochs - self.progress.epoch + (steps_left // config.eval_every_steps
+                                                                  if config.eval_every_steps else 0)
+        return {"elapsed_s": self.clock.wall_seconds(), "eta_s": self.clock.run_eta(steps_left, evaluations_left)}
 
     def _start_clock(self) -> None:
         self.clock.start()
@@ -291,7 +312,9 @@ class Trainer:
         """Evaluate on the whole evaluation set (exact across processes), log it, note the accuracies reached,
         and ask the stop policy whether the run has reached its target or run out of patience."""
         progress, config = self.progress, self.config
-        result = self.evaluate()
+        started = time.perf_counter()
+        result = self.evaluate(on_batch=self.report.evaluating(len(self.data.eval)))
+        self.clock.evaluation_seconds = time.perf_counter() - started
         self.last_evaluated_step = progress.step
         progress.wall_seconds = self.clock.wall_seconds()
         record = {"epoch": progress.epoch + 1, "step": progress.step,
@@ -330,11 +353,11 @@ class Trainer:
         progress.batch = 0
         progress.epoch_loss_sum, progress.epoch_images = 0.0, 0
 
-    def evaluate(self) -> EvalResult:
+    def evaluate(self, on_batch: Any = None) -> EvalResult:
         """The weights in use (`evaluated_model`) on the whole evaluation set, exact across processes; every
         process keeps its first misclassified examples (the selection gathers them), to draw them."""
         return evaluate(self.evaluated_model(), self.data.eval, self.accelerator, expected_count=self.data.eval.total,
-                        keep_misclassified=plots.MISCLASSIFIED_SHOWN)
+                        keep_misclassified=plots.MISCLASSIFIED_SHOWN, on_batch=on_batch)
 
     @torch.no_grad()
     def infer(self, images: torch.Tensor) -> torch.Tensor:
