@@ -566,3 +566,54 @@ def test_staging_names_are_unique_per_writer_and_pruning_spares_live_writers(tmp
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_older_checkpoints_keep_their_weights_only_and_the_newest_everything(tmp_path):
+    """keep_last 1 with the best kept apart: the newest can continue the run; the best, older, keeps what using
+    the model needs (a fraction of the size), verifies, and is what a run folder gives inference."""
+    from toolkit.rundir import RunFolder
+
+    folder = RunFolder(tmp_path, owner=True)
+    keeper = saver.CheckpointSaver(folder, bytes_per_checkpoint=1, keep_last=1, every_steps=0, slim_bytes=1)
+    for step in (1, 2, 3):
+        keeper.save(state({"w": torch.full((3,), float(step))}, {"optimizer": {"x": torch.ones(1000)}},
+                          train_weights={"w": torch.zeros(3)}, step=step, best_step=1, best_accuracy=0.5,
+                          config={"lr": 0.1}, meta={"world_size": 1}), best_step=1)
+    best, newest = checkpoint.step_dir(tmp_path / "checkpoints", 1), checkpoint.step_dir(tmp_path / "checkpoints", 3)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == [best.name, newest.name]
+    assert sorted(p.name for p in best.iterdir()) == ["COMPLETE", "config.yaml", "model.safetensors", "state.json"]
+    assert checkpoint.read_marker(best).weights_only and not checkpoint.read_marker(newest).weights_only
+    checkpoint.verify(best)
+    with pytest.raises(CheckpointError, match="keeps its weights only .* resume from the run's newest checkpoint"):
+        checkpoint.load(best)
+    assert checkpoint.load(newest).trainer_state["optimizer"]["x"].shape == (1000,)
+    assert checkpoint.for_inference(tmp_path) == (best, "best eval accuracy in the run")
+    assert saver.slim(best) == 0  # once is enough
+
+
+def test_a_slim_interrupted_between_its_marker_and_its_deletions_still_verifies(tmp_path, monkeypatch):
+    path = tiny_save(tmp_path, 1)
+    real_unlink = Path.unlink
+
+    def interrupted(self, missing_ok=False):
+        if self.name == "trainer_state.pt":  # a kill before the first of the files not kept goes
+            raise KeyboardInterrupt
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        saver.slim(path)
+    monkeypatch.undo()
+    assert (path / "trainer_state.pt").exists() and checkpoint.read_marker(path).weights_only
+    checkpoint.verify(path)
+
+
+def test_resume_auto_never_starts_over_where_the_runs_checkpoints_all_fail(tmp_path):
+    said = []
+    for step in (1, 2):
+        (tiny_save(tmp_path, step) / "trainer_state.pt").write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints in .* can continue the run \(step-00000002, "
+                                              r"step-00000001: see the warnings above\)"):
+        saver.choose_for_resume(tmp_path, "auto", said.append)
+    assert len(said) == 2 and all("trying the previous checkpoint" in line for line in said)
+    assert saver.choose_for_resume(tmp_path / "empty", "auto", said.append) is None  # nothing there: a fresh start

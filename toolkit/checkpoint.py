@@ -50,6 +50,9 @@ CONFIG = "config.yaml"
 PREFIX = "step-"
 REQUIRED = (WEIGHTS, TRAINER_STATE, STATE, CONFIG)
 FILES = (*REQUIRED, TRAIN_WEIGHTS)
+# A slimmed checkpoint (an older one a run keeps, `saver.slim`) holds what using the model needs, not what
+# continuing the training does; its marker says `"weights_only": true`.
+FOR_USE = (WEIGHTS, STATE, CONFIG)
 FORMAT = 2  # of COMPLETE: 2 = {"format": 2, "files": {name: {"bytes", "sha256"}}}; the earlier one, {name: bytes}
 HASH = "sha256"  # hashed with SHA-NI at ~1.8 GB/s here, and checkable with `sha256sum`
 STAGING = (".tmp-", ".old-")  # a checkpoint being written, and one being replaced
@@ -100,6 +103,7 @@ class Marker:
 
     sizes: dict[str, int]
     digests: dict[str, str] | None
+    weights_only: bool = False
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -343,13 +347,16 @@ def read_marker(path: Path) -> Marker:
     if marker["format"] != FORMAT:
         raise CheckpointError(f"{file} is of format {marker['format']!r}, which this version does not read "
                               f"(it reads {FORMAT} and the earlier size-only format)")
-    unknown = sorted(set(marker) - {"format", "files"})
+    unknown = sorted(set(marker) - {"format", "files", "weights_only"})
     if unknown:
         raise CheckpointError(f"{file} is corrupted: unknown key {unknown[0]!r}")
+    weights_only = marker.get("weights_only", False)
+    if not isinstance(weights_only, bool):
+        raise CheckpointError(f"{file} is corrupted: weights_only is {json_kind(weights_only)}, not true or false")
     entries = marker.get("files")
     if not isinstance(entries, dict):
         raise CheckpointError(f"{file} is corrupted: files is {json_kind(entries)} where an object belongs")
-    check_names(file, entries)
+    check_names(file, entries, FOR_USE if weights_only else REQUIRED)
     sizes, digests = {}, {}
     for name, entry in entries.items():
         if not isinstance(entry, dict) or set(entry) != {"bytes", HASH}:
@@ -361,21 +368,25 @@ def read_marker(path: Path) -> Marker:
             raise CheckpointError(f"{file} is corrupted: the {HASH} of {name} is {json_kind(digest)}, not 64 "
                                   f"hexadecimal digits")
         digests[name] = digest
-    return Marker(sizes=sizes, digests=digests)
+    return Marker(sizes=sizes, digests=digests, weights_only=weights_only)
 
 
-def check_names(file: Path, entries: dict[str, Any]) -> None:
+def check_names(file: Path, entries: dict[str, Any], required: tuple[str, ...] = REQUIRED) -> None:
     unknown = sorted(set(entries) - set(FILES))
     if unknown:  # a name such as ../../x must never become a path to read
         raise CheckpointError(f"{file} is corrupted: it lists {unknown[0]!r}, which is not a checkpoint file")
-    missing = [name for name in REQUIRED if name not in entries]
+    missing = [name for name in required if name not in entries]
     if missing:
         raise CheckpointError(f"{file} is corrupted: it does not list {missing[0]}")
 
 
 def load(path: Path) -> Checkpoint:
-    """Read a verified checkpoint onto the CPU. Nothing is unpickled beyond tensors and plain values."""
+    """Read a verified checkpoint onto the CPU, to continue training from. Nothing is unpickled beyond tensors and
+    plain values."""
     marker = verify(path)
+    if marker.weights_only:
+        raise CheckpointError(f"{path} keeps its weights only (for evaluate, predict and export), not the optimizer "
+                              f"state that continuing the training needs: resume from the run's newest checkpoint")
     weights = load_weights(path / WEIGHTS)
     train_weights = load_weights(path / TRAIN_WEIGHTS) if TRAIN_WEIGHTS in marker.sizes else None
     try:

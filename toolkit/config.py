@@ -55,7 +55,7 @@ RESUMABLE_CHANGES = frozenset({
     "data_dir", "download", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_last", "resume",
     "dist_timeout_s", "cpu_threads", "max_steps", "compile", "eval_every_steps", "target_accuracy",
     "early_stop_patience", "time_limit", "profile_steps", "log_with", "eval_batch_size", "deterministic",
-    "save_checkpoints", "tf32", "compile_mode",
+    "save_checkpoints", "tf32", "compile_mode", "slim_checkpoints",
     # where it runs: another device continues the same recipe (its random state re-seeded, said so)
     "device",
     # compared as resolved by the trainer (auto may be the checkpoint's bf16): listed once, there
@@ -215,8 +215,11 @@ class TrainConfig:
                                            f"or none", parse=parse_trackers)
     checkpoint_every_steps: int = _option(0, "also checkpoint every N steps (0 = at the end of each epoch "
                                              "only)", minimum=0, maximum=MAX_COUNT)
-    keep_last: int = _option(2, "keep this many recent checkpoints (the best one is kept apart)", positive=True,
+    keep_last: int = _option(1, "keep this many recent checkpoints (the best one is kept apart)", positive=True,
                              maximum=MAX_COUNT)
+    slim_checkpoints: bool = _option(True, "only the newest checkpoint keeps what continuing the training needs "
+                                           "(the optimizer state): older ones keep what using the model needs, "
+                                           "about a quarter of the size with adamw")
     save_checkpoints: bool = _option(True, "write checkpoints (false: nothing to resume from or to use afterwards; "
                                            "for benchmarks and trials)")
     resume: str = _option("", "'' = start fresh; auto = the latest complete checkpoint in output_dir; "

@@ -134,7 +134,16 @@ class RunReport:
         self.console.close()
 
 
-def facts(parts: Parts, folder: RunFolder, bytes_per_checkpoint: int, resumed: str | None) -> dict[str, Any]:
+def checkpoints_fact(config: TrainConfig, full: int, slim: int | None) -> str:
+    if not config.save_checkpoints:
+        return "none (save_checkpoints false)"
+    kept = "the newest and the best" if config.keep_last == 1 else f"the newest {config.keep_last} and the best"
+    older = f", {slim / 1e9:.2f} GB once older (weights only)" if slim is not None else ""
+    return f"{full / 1e9:.2f} GB{older}; {kept} are kept"
+
+
+def facts(parts: Parts, folder: RunFolder, bytes_per_checkpoint: int, resumed: str | None,
+          slim_bytes: int | None = None) -> dict[str, Any]:
     """The header: where the run runs, on what, and where it writes."""
     config, run, data = parts.config, parts.runtime, parts.data
     batch, world, accumulate = parts.images_per_step, run.world_size, min(config.grad_accum_steps, len(data.train))
@@ -149,8 +158,7 @@ def facts(parts: Parts, folder: RunFolder, bytes_per_checkpoint: int, resumed: s
         "steps/epoch": parts.training.steps_per_epoch,
         "data": data.source,
         "evaluated on": data.description,
-        "checkpoints": (f"{bytes_per_checkpoint / 1e9:.2f} GB each; the newest {config.keep_last} and the best are "
-                        f"kept" if config.save_checkpoints else "none (save_checkpoints false)"),
+        "checkpoints": checkpoints_fact(config, bytes_per_checkpoint, slim_bytes),
         "run folder": str(folder.path),
     }
     if resumed:

@@ -4,12 +4,15 @@
 A run saves at the end of each epoch, every `checkpoint_every_steps` optimizer steps, and when it stops early
 (a signal, the time limit, a target reached); the main process writes while the others wait. It keeps the newest
 `keep_last` complete checkpoints and the best one by eval accuracy; older ones are deleted only after a newer one
-is complete. Leftovers of interrupted saves are removed after the next complete save, never while their writer may
-still be writing. `save_checkpoints: false` writes none (a trial, a benchmark).
+is complete. With `slim_checkpoints` (the default) only the newest keeps what continuing the training needs (the
+optimizer state, the trained weights beside their average); the others keep what using the model needs, about a
+quarter of the size with AdamW. Leftovers of interrupted saves are removed after the next complete save, never
+while their writer may still be writing. `save_checkpoints: false` writes none (a trial, a benchmark).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -20,6 +23,10 @@ import torch
 
 from toolkit.agreement import decided_on_main
 from toolkit.checkpoint import (
+    FOR_USE,
+    FORMAT,
+    HASH,
+    MARKER,
     STAGING,
     Checkpoint,
     CheckpointError,
@@ -28,10 +35,12 @@ from toolkit.checkpoint import (
     is_complete,
     latest,
     load,
+    read_marker,
     save,
     step_dir,
     tensor_bytes,
 )
+from toolkit.files import write_atomic
 from toolkit.rundir import HOST, RunFolder, process_exists
 
 SLOW_DISK_BYTES_PER_S = 100e6  # what a save is assumed to take before one is timed: a slow disk's speed
@@ -42,10 +51,11 @@ class CheckpointSaver:
     process writes."""
 
     def __init__(self, folder: RunFolder, bytes_per_checkpoint: int, keep_last: int, every_steps: int,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, slim_bytes: int | None = None) -> None:
         self.folder = folder
         self.directory = folder.checkpoints
         self.bytes_per_checkpoint = bytes_per_checkpoint
+        self.slim_bytes = slim_bytes  # what an older checkpoint keeps, slimmed; None: they are not slimmed
         self.keep_last = keep_last
         self.every_steps = every_steps
         self.enabled = enabled
@@ -70,6 +80,9 @@ class CheckpointSaver:
         path = save(self.directory, state)
         self.folder.saved(step, path)
         prune(self.directory, self.keep_last, keep=step_dir(self.directory, best_step), sole_writer=self.folder.locked)
+        if self.slim_bytes is not None:
+            for older in complete_checkpoints(self.directory)[:-1]:
+                slim(older)
         self.last_seconds = time.perf_counter() - started
         return path
 
@@ -89,7 +102,9 @@ class CheckpointSaver:
         return found[0] if found else None
 
     def disk_warning(self) -> str | None:
-        return disk_warning(self.directory, self.bytes_per_checkpoint, self.keep_last) if self.enabled else None
+        if not self.enabled:
+            return None
+        return disk_warning(self.directory, self.bytes_per_checkpoint, self.keep_last, self.slim_bytes)
 
 
 def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, averaged: bool) -> int:
@@ -99,11 +114,13 @@ def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, aver
     return tensor_bytes(model.state_dict()) * copies
 
 
-def disk_warning(directory: Path, per_checkpoint: int, keep_last: int) -> str | None:
+def disk_warning(directory: Path, per_checkpoint: int, keep_last: int, slim_bytes: int | None = None) -> str | None:
     """A warning when the disk under `directory` cannot take the checkpoints a run keeps: `keep_last`, the best,
-    and the one being written, less those already there. None when it can."""
+    and the one being written (all but the newest two slimmed to `slim_bytes`, when given), less those already
+    there. None when it can."""
     existing = sum(f.stat().st_size for p in complete_checkpoints(directory) for f in p.iterdir() if f.is_file())
-    needed = max(per_checkpoint, per_checkpoint * (keep_last + 2) - existing)
+    older = per_checkpoint if slim_bytes is None else slim_bytes
+    needed = max(per_checkpoint, 2 * per_checkpoint + older * keep_last - existing)
     probe = directory
     while not probe.exists():
         probe = probe.parent
@@ -150,13 +167,36 @@ def choose_for_resume(directory: Path, resume: str, announce: Callable[[str], No
     `resume` is a checkpoint folder, and one that does not load is a CheckpointError."""
     if resume != "auto":
         return loaded(Path(resume), announce)
+    refused = []
     for path in latest(directory):
         try:
             return loaded(path, announce)
         except CheckpointError as error:
             announce(f"warning: {error}; trying the previous checkpoint")
+            refused.append(path.name)
+    if refused:  # never start over where the run's own checkpoints are: its records would be rewritten
+        raise CheckpointError(f"none of the checkpoints in {directory} can continue the run ({', '.join(refused)}: "
+                              f"see the warnings above): move them aside to start the run over, or give "
+                              f"--resume a checkpoint of your choice")
     announce(f"no complete checkpoint in {directory}: starting from scratch")
     return None
+
+
+def slim(path: Path) -> int:
+    """Keep what using the model needs of the checkpoint `path` (`checkpoint.FOR_USE`): its marker is rewritten
+    first, atomically, to list only those files, then the others are removed; a kill at any moment leaves a
+    checkpoint that verifies. The bytes freed (0 for one slimmed already, or of the earlier, size-only format)."""
+    marker = read_marker(path)
+    if marker.weights_only or marker.digests is None:
+        return 0
+    kept = {name: {"bytes": marker.sizes[name], HASH: marker.digests[name]} for name in marker.sizes
+            if name in FOR_USE}
+    write_atomic(path / MARKER, json.dumps({"format": FORMAT, "files": kept, "weights_only": True}, indent=1))
+    freed = 0
+    for name in sorted(set(marker.sizes) - set(kept)):
+        freed += marker.sizes[name]
+        (path / name).unlink(missing_ok=True)
+    return freed
 
 
 def chosen_for_resume(resume: str, folder: RunFolder, main_process: bool,

@@ -90,7 +90,8 @@ def training_run(config: TrainConfig, quiet: bool = False, signals: Signals | No
                 if resumed:
                     trainer.resume(chosen, resumed)
                 started = f"{resumed} (step {trainer.progress.step})" if resumed else None
-                report.begin(trainer.progress, facts(parts, folder, trainer.saver.bytes_per_checkpoint, started),
+                report.begin(trainer.progress, facts(parts, folder, trainer.saver.bytes_per_checkpoint, started,
+                                                     trainer.saver.slim_bytes),
                              startup_warnings(parts, trainer), resumed is not None)
                 yield trainer
             finally:

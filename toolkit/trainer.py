@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 from toolkit import checkpoint, devices, plots, report
 from toolkit.agreement import from_main
 from toolkit.assemble import Parts
-from toolkit.checkpoint import Checkpoint, TrainProgress
+from toolkit.checkpoint import Checkpoint, TrainProgress, tensor_bytes
 from toolkit.clock import RunClock
 from toolkit.config import TrainConfig, resume_mismatches
 from toolkit.errors import UsageError
@@ -65,7 +65,9 @@ class Trainer:
         net = parts.training
         self.saver = CheckpointSaver(folder, expected_bytes(net.network, config.optimizer, config.momentum,
                                                             averaged=net.average is not None),
-                                     config.keep_last, config.checkpoint_every_steps, config.save_checkpoints)
+                                     config.keep_last, config.checkpoint_every_steps, config.save_checkpoints,
+                                     slim_bytes=tensor_bytes(net.network.state_dict()) if config.slim_checkpoints
+                                     else None)
         self.stops = StopPolicy(config, signals, self.saver.seconds_to_save)
         self.progress = TrainProgress()
         self.clock = RunClock(device)
