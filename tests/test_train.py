@@ -1,6 +1,7 @@
 """A real training run on a small MNIST subset, and what it leaves in its run folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import SMALL_RUN, run_module
@@ -175,3 +176,17 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, capsys):
     assert lines == ["toolkit.train: error: log_with: clearml is not installed: pip install clearml (or log with "
                      "another tracker, e.g. --log-with tensorboard)"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_smoke_runs_the_whole_pipeline_in_seconds_and_keeps_nothing(mnist, tmp_path):
+    result = run_module("toolkit.train", "--smoke", "--device", "cpu", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("smoke test passed in ") and last.endswith(
+        "4 steps, an evaluation, a checkpoint written and read back (nothing kept)")
+    folder = next(line for line in result.stdout.splitlines() if line.startswith("run folder: "))[len("run folder: "):]
+    assert not Path(folder).exists()
+    kept = run_module("toolkit.train", "--smoke", "--device", "cpu", "--output-dir", str(tmp_path / "run"))
+    assert kept.returncode == 0 and f"(the run is in {tmp_path / 'run'})" in kept.stdout
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"

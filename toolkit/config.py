@@ -55,7 +55,7 @@ RESUMABLE_CHANGES = frozenset({
     "data_dir", "download", "output_dir", "log_every_steps", "checkpoint_every_steps", "keep_last", "resume",
     "dist_timeout_s", "cpu_threads", "max_steps", "compile", "eval_every_steps", "target_accuracy",
     "early_stop_patience", "time_limit", "profile_steps", "log_with", "eval_batch_size", "deterministic",
-    "save_checkpoints", "tf32", "compile_mode", "slim_checkpoints",
+    "save_checkpoints", "tf32", "compile_mode", "slim_checkpoints", "smoke",
     # where it runs: another device continues the same recipe (its random state re-seeded, said so)
     "device",
     # compared as resolved by the trainer (auto may be the checkpoint's bf16): listed once, there
@@ -226,6 +226,9 @@ class TrainConfig:
                               "or a checkpoint folder")
     profile_steps: str = _option("", "A:B = record optimizer steps A to B, both included (counted from 1, as "
                                      "logged), with torch.profiler ('' = off)", parse=parse_step_range)
+    smoke: bool = _option(False, "a trial of the whole pipeline in seconds: 4 steps at 65 px on 256 images, an "
+                                 "evaluation on 200, a checkpoint written and read back; in a temporary folder, gone "
+                                 "afterwards, unless --output-dir is given (other keys as given)")
 
     def __post_init__(self) -> None:
         for key in FIELDS:
@@ -552,6 +555,13 @@ def build_parser(prog: str, description: str, keys: Iterable[str] | None = None)
     return parser
 
 
+# What `smoke` sets: the smallest run that still goes through every part (the network takes 65 px and up).
+SMOKE = {"image_size": 65, "train_samples": 256, "eval_samples": 200, "validation_samples": 0, "batch_size": 64,
+         "eval_batch_size": 100, "epochs": 1, "max_steps": 4, "warmup_steps": 2, "log_every_steps": 1,
+         "eval_every_steps": 0, "checkpoint_every_steps": 0, "save_checkpoints": True, "grad_accum_steps": 1,
+         "profile_steps": "", "time_limit": "", "target_accuracy": 0.0}
+
+
 def parse_args(argv: list[str] | None, prog: str = "toolkit.train",
                description: str = "Train AlexNet on MNIST.") -> TrainConfig:
     """Defaults < `--config` file < flags. Raises UsageError on any unknown key, flag or bad value."""
@@ -569,7 +579,8 @@ def parse_args(argv: list[str] | None, prog: str = "toolkit.train",
         raise UsageError("--config: give the path of a YAML file, got ''")
     if config_path is not None:
         config = from_dict(read_yaml(config_path), source=str(config_path))
-    return from_dict(flags, source="command line", base=config)
+    config = from_dict(flags, source="command line", base=config)
+    return dataclasses.replace(config, **SMOKE) if config.smoke else config
 
 
 def to_yaml(config: TrainConfig) -> str:

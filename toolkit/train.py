@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import exit_on_user_error
@@ -46,6 +47,8 @@ def run(argv: list[str] | None, signals: Signals) -> int:
     from toolkit.config import parse_args
 
     config = parse_args(argv)
+    if config.smoke:
+        return smoke(config, signals)
     out_of_memory = f"--image-size {config.image_size} and --batch-size {config.batch_size}"
     with devices.out_of_memory_named(out_of_memory), training_run(config, signals=signals) as trainer:
         try:
@@ -61,6 +64,33 @@ def run(argv: list[str] | None, signals: Signals) -> int:
         except BaseException as error:
             trainer.folder.failed(error, trainer.progress.step)
             raise
+
+
+def smoke(config: TrainConfig, signals: Signals) -> int:
+    """`--smoke`: the run its config makes smallest (config.SMOKE), then its checkpoint read back; in a temporary
+    folder unless --output-dir names one."""
+    import dataclasses
+    import tempfile
+    import time
+
+    from toolkit import checkpoint
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="toolkit-smoke-") as scratch:
+        kept = bool(config.output_dir)
+        config = config if kept else dataclasses.replace(config, output_dir=str(Path(scratch) / "run"))
+        with training_run(config, signals=signals) as trainer:
+            code = trainer.train()
+            newest = trainer.saver.newest()
+            if code or newest is None:
+                return code or 1
+            checkpoint.load(newest)  # every file verified against its checksum, the state read back
+            if trainer.runtime.is_main:
+                where = f"the run is in {config.output_dir}" if kept else "nothing kept"
+                trainer.report.print(f"smoke test passed in {time.perf_counter() - started:.0f} s: "
+                                     f"{trainer.progress.step} steps, an evaluation, a checkpoint written and read "
+                                     f"back ({where})")
+    return 0
 
 
 @contextmanager
