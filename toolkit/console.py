@@ -110,6 +110,8 @@ class TrainConsole:
     def keep_log(self, path: Path) -> None:
         """From here on every line also goes to `path` (appended), in the plain form."""
         if self.enabled:
+            if path.is_symlink():  # planted: replaced by the run's own file, never written through
+                path.unlink()
             self.log_file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
 
     def _logged(self, *lines: str) -> None:
