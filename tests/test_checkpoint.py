@@ -568,19 +568,22 @@ def test_staging_names_are_unique_per_writer_and_pruning_spares_live_writers(tmp
         sleeper.wait()
 
 
-def test_older_checkpoints_keep_their_weights_only_and_the_newest_everything(tmp_path):
-    """keep_last 1 with the best kept apart: the newest can continue the run; the best, older, keeps what using
-    the model needs (a fraction of the size), verifies, and is what a run folder gives inference."""
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_the_best_kept_apart_keeps_its_weights_only_and_the_newest_everything(tmp_path, keep_last):
+    """The best kept apart from the newest `keep_last`: those can continue the run; the best keeps what using the
+    model needs (a fraction of the size), verifies, and is what a run folder gives inference."""
     from toolkit.rundir import RunFolder
 
     folder = RunFolder(tmp_path, owner=True)
-    keeper = saver.CheckpointSaver(folder, bytes_per_checkpoint=1, keep_last=1, every_steps=0, slim_bytes=1)
-    for step in (1, 2, 3):
+    keeper = saver.CheckpointSaver(folder, bytes_per_checkpoint=1, keep_last=keep_last, every_steps=0, slim_bytes=1)
+    for step in (1, 2, 3, 4):
         keeper.save(state({"w": torch.full((3,), float(step))}, {"optimizer": {"x": torch.ones(1000)}},
                           train_weights={"w": torch.zeros(3)}, step=step, best_step=1, best_accuracy=0.5,
                           config={"lr": 0.1}, meta={"world_size": 1}), best_step=1)
-    best, newest = checkpoint.step_dir(tmp_path / "checkpoints", 1), checkpoint.step_dir(tmp_path / "checkpoints", 3)
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == [best.name, newest.name]
+    best, newest = checkpoint.step_dir(tmp_path / "checkpoints", 1), checkpoint.step_dir(tmp_path / "checkpoints", 4)
+    kept = [checkpoint.step_dir(tmp_path / "checkpoints", step) for step in range(5 - keep_last, 5)]
+    assert checkpoint.complete_checkpoints(tmp_path / "checkpoints") == [best, *kept]
+    assert all(not checkpoint.read_marker(path).weights_only for path in kept)  # each can continue the run
     assert sorted(p.name for p in best.iterdir()) == ["COMPLETE", "config.yaml", "model.safetensors", "state.json"]
     assert checkpoint.read_marker(best).weights_only and not checkpoint.read_marker(newest).weights_only
     checkpoint.verify(best)

@@ -51,7 +51,11 @@ def test_run_folder_holds_config_and_safetensors_weights_per_epoch(trained):
     out, _ = trained
     assert "image_size: 65" in (out / "config.yaml").read_text()
     checkpoints = sorted((out / "checkpoints").iterdir())
-    assert [p.name for p in checkpoints] == ["step-00000063", "step-00000126"]
+    best = max(json.loads(line)["eval_accuracy"] for line in (out / "metrics.jsonl").read_text().splitlines())
+    best_step = next(r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                     if r["eval_accuracy"] == best)
+    # the newest, and the best kept apart (the same one when the last evaluation was the best)
+    assert [p.name for p in checkpoints] == sorted({f"step-{best_step:08d}", "step-00000126"})
     for folder in checkpoints:
         assert (folder / "config.yaml").is_file() and (folder / "COMPLETE").is_file()
         weights = load_file(folder / "model.safetensors")

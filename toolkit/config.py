@@ -217,9 +217,9 @@ class TrainConfig:
                                              "only)", minimum=0, maximum=MAX_COUNT)
     keep_last: int = _option(1, "keep this many recent checkpoints (the best one is kept apart)", positive=True,
                              maximum=MAX_COUNT)
-    slim_checkpoints: bool = _option(True, "only the newest checkpoint keeps what continuing the training needs "
-                                           "(the optimizer state): older ones keep what using the model needs, "
-                                           "about a quarter of the size with adamw")
+    slim_checkpoints: bool = _option(True, "the best checkpoint, kept apart from the newest keep_last, keeps what "
+                                           "using the model needs, not what continuing the training does (the "
+                                           "optimizer state): about a quarter of the size with adamw")
     save_checkpoints: bool = _option(True, "write checkpoints (false: nothing to resume from or to use afterwards; "
                                            "for benchmarks and trials)")
     resume: str = _option("", "'' = start fresh; auto = the latest complete checkpoint in output_dir; "

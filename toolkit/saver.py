@@ -4,10 +4,11 @@
 A run saves at the end of each epoch, every `checkpoint_every_steps` optimizer steps, and when it stops early
 (a signal, the time limit, a target reached); the main process writes while the others wait. It keeps the newest
 `keep_last` complete checkpoints and the best one by eval accuracy; older ones are deleted only after a newer one
-is complete. With `slim_checkpoints` (the default) only the newest keeps what continuing the training needs (the
-optimizer state, the trained weights beside their average); the others keep what using the model needs, about a
-quarter of the size with AdamW. Leftovers of interrupted saves are removed after the next complete save, never
-while their writer may still be writing. `save_checkpoints: false` writes none (a trial, a benchmark).
+is complete. With `slim_checkpoints` (the default) the best, kept apart from the newest `keep_last`, keeps what
+using the model needs, not what continuing the training does (the optimizer state, the trained weights beside
+their average): about a quarter of the size with AdamW. Leftovers of interrupted saves are removed after the next
+complete save, never while their writer may still be writing. `save_checkpoints: false` writes none (a trial, a
+benchmark).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class CheckpointSaver:
         path = save(self.directory, state)
         self.folder.saved(step, path)
         prune(self.directory, self.keep_last, keep=step_dir(self.directory, best_step), sole_writer=self.folder.locked)
-        if self.slim_bytes is not None:
-            for older in complete_checkpoints(self.directory)[:-1]:
+        if self.slim_bytes is not None:  # the best, kept apart from the newest: what using the model needs
+            for older in complete_checkpoints(self.directory)[:-self.keep_last]:
                 slim(older)
         self.last_seconds = time.perf_counter() - started
         return path
@@ -102,9 +103,7 @@ class CheckpointSaver:
         return found[0] if found else None
 
     def disk_warning(self) -> str | None:
-        if not self.enabled:
-            return None
-        return disk_warning(self.directory, self.bytes_per_checkpoint, self.keep_last, self.slim_bytes)
+        return disk_warning(self.directory, self.bytes_per_checkpoint, self.keep_last) if self.enabled else None
 
 
 def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, averaged: bool) -> int:
@@ -114,13 +113,12 @@ def expected_bytes(model: torch.nn.Module, optimizer: str, momentum: float, aver
     return tensor_bytes(model.state_dict()) * copies
 
 
-def disk_warning(directory: Path, per_checkpoint: int, keep_last: int, slim_bytes: int | None = None) -> str | None:
+def disk_warning(directory: Path, per_checkpoint: int, keep_last: int) -> str | None:
     """A warning when the disk under `directory` cannot take the checkpoints a run keeps: `keep_last`, the best,
-    and the one being written (all but the newest two slimmed to `slim_bytes`, when given), less those already
-    there. None when it can."""
+    and the one being written, less those already there (counted whole: the best is slimmed only once a newer one
+    is complete). None when it can."""
     existing = sum(f.stat().st_size for p in complete_checkpoints(directory) for f in p.iterdir() if f.is_file())
-    older = per_checkpoint if slim_bytes is None else slim_bytes
-    needed = max(per_checkpoint, 2 * per_checkpoint + older * keep_last - existing)
+    needed = max(per_checkpoint, per_checkpoint * (keep_last + 2) - existing)
     probe = directory
     while not probe.exists():
         probe = probe.parent
