@@ -86,6 +86,7 @@ class Data:
     eval: EvalBatches
     description: str  # what evaluation is on, for the header
     source: str  # where the images came from: the MNIST folder read, or what was handed in
+    available: int  # training images there were to take `train_samples` from
 
     @property
     def train_images(self) -> int:
@@ -121,7 +122,7 @@ def batches(config: TrainConfig, run: Runtime, train: Split, test: Split, source
     """The batches of each process, on the device: training (this process's shard of each epoch, in a seeded
     order) and evaluation (its contiguous slice of the set)."""
     train, evaluated = split_for_evaluation(train, test, config.validation_samples)
-    held_out = len(evaluated[1])
+    held_out, available = len(evaluated[1]), len(train[1])
     train, evaluated = first(*train, config.train_samples), first(*evaluated, config.eval_samples)
     preprocess = Preprocess.for_config(config, run.device)
     on = run.torch_device
@@ -138,7 +139,7 @@ def batches(config: TrainConfig, run: Runtime, train: Split, test: Split, source
                        f"(held out)")
     else:
         description = f"{count:,} test images"
-    return Data(train=train_batches, eval=eval_batches, description=description, source=source)
+    return Data(train=train_batches, eval=eval_batches, description=description, source=source, available=available)
 
 
 # ------------------------------------------------------------------ what trains

@@ -287,6 +287,8 @@ def _checked(key: str, value: Any) -> Any:
     rule = spec.metadata
 
     def bad(expected: str) -> UsageError:
+        if value is None:  # `key:` with nothing after it in a YAML file
+            return UsageError(f"{key}: has no value; expected {expected} (e.g. {key}: {_shown(spec.default)})")
         return UsageError(f"{key}: expected {expected}, got {_shown(value)}")
 
     if kind is bool:
@@ -462,7 +464,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"config file {path} is not valid YAML{where}") from None
+        problem = getattr(error, "problem", None)
+        raise UsageError(f"config file {path} is not valid YAML{where}" + (f": {problem}" if problem else "")) \
+            from None
     except RecursionError:
         raise UsageError(f"config file {path} is nested too deeply to be a config") from None
     except ValueError as error:  # PyYAML's constructors: a date like 2024-13-45, an integer of 5,000 digits

@@ -203,14 +203,17 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from toolkit.errors import UsageError, exit_on_user_error
+
     parser = argparse.ArgumentParser(prog="python -m toolkit.model", description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")
     args = parser.parse_args(argv)
     model = build_model()
     console = Console()
-    if args.image_size < model.min_input_size:
-        console.print(f"error: --image-size must be at least {model.min_input_size} for this network", style="red")
-        raise SystemExit(2)
+    with exit_on_user_error("toolkit.model"):
+        if args.image_size < model.min_input_size:
+            raise UsageError(f"--image-size must be at least {model.min_input_size} for this network, got "
+                             f"{args.image_size}")
 
     table = Table(title=f"AlexNet on {args.image_size}x{args.image_size} MNIST", title_justify="left")
     for column in ("layer", "type", "output shape"):

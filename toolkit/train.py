@@ -139,6 +139,9 @@ def startup_warnings(parts: Parts, trainer: Any) -> list[str]:
     said.append(warmup_warning(config.warmup_steps, parts.training.total_steps))
     said.append(elastic_store_warning())
     said.extend(f"warning: {key} has no effect" for key in config.without_effect())
+    if config.train_samples > data.available:
+        said.append(f"note: train_samples {config.train_samples:,} is more than the {data.available:,} training images "
+                    f"there are: all of them are used")
     if config.batch_size > data.train.images_per_rank:
         said.append(f"note: batch_size {config.batch_size} is more than the {data.train.images_per_rank:,} training "
                     f"images each process has: each step takes {data.train.images_per_rank:,}")
