@@ -128,7 +128,7 @@ def test_command_line_error_is_one_line_and_exit_2():
     (lambda: TrainConfig(epochs=True), "epochs: expected an integer, got True"),
     (lambda: TrainConfig(epochs=2.0), "epochs: expected an integer, got 2.0"),
     (lambda: TrainConfig(normalize=1), "normalize: expected true or false, got 1"),
-    (lambda: TrainConfig(resume=None), "resume: has no value; expected text"),
+    (lambda: TrainConfig(resume=None), "resume: has no value; expected text (e.g. resume: '')"),
     (lambda: TrainConfig(precision="fp8"), "precision: 'fp8' is not one of auto, no, fp16, bf16"),
     (lambda: TrainConfig(ema_decay=1), "ema_decay: must be less than 1, got 1.0"),
     (lambda: dataclasses.replace(TrainConfig(), image_size=28), "image_size: must be at least 65, got 28"),
