@@ -435,3 +435,12 @@ def test_checkpoint_from_before_a_key_existed_had_its_default():
     assert resume_mismatches(saved, TrainConfig()) == []
     assert resume_mismatches(saved, TrainConfig(grad_accum_steps=4, validation_samples=100)) == [
         "validation_samples: checkpoint 0, this run 100", "grad_accum_steps: checkpoint 1, this run 4"]
+
+
+def test_keys_that_have_no_effect_are_named():
+    assert TrainConfig(momentum=0.5).without_effect() == [
+        "momentum has no effect: it is SGD's, and the optimizer is adamw"]
+    assert TrainConfig(nesterov=False).without_effect() == [
+        "nesterov has no effect: it is SGD's, and the optimizer is adamw"]
+    assert TrainConfig(optimizer="sgd", momentum=0.5).without_effect() == []
+    assert TrainConfig().without_effect() == []

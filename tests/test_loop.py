@@ -210,3 +210,22 @@ def test_compile_modes_reach_torch_compile(tmp_path, monkeypatch):
         trainer.train_steps(1)
         assert trainer.progress.step == 1
     assert modes == ["reduce-overhead"]
+
+
+def test_the_global_batch_is_the_one_the_data_allows(tmp_path):
+    """A batch size beyond a process's share of the data takes all of it: the header and metrics.jsonl say the
+    batch a step really has (256 here, not 1000), and so does accumulation beyond an epoch's batches."""
+    with tiny_trainer(tmp_path / "big", batch_size=1000) as trainer:
+        assert (trainer.parts.images_per_step, trainer.parts.global_batch_size) == (256, 256)
+    with tiny_trainer(tmp_path / "accumulated", batch_size=64, grad_accum_steps=1000) as trainer:
+        assert trainer.parts.global_batch_size == 256  # 4 batches an epoch, all in one step
+
+
+def test_a_profile_outside_the_run_is_said_before_it_starts():
+    from toolkit.train import profile_warning
+
+    assert profile_warning(TrainConfig(profile_steps="100:200", max_steps=2), 0, 10).startswith(
+        "warning: profile_steps 100:200 lies outside the steps this run takes (1 to 2): nothing will be recorded")
+    assert "steps 1 to 2 will be recorded" in profile_warning(TrainConfig(profile_steps="1:3", max_steps=2), 0, 10)
+    assert profile_warning(TrainConfig(profile_steps="2:3"), 0, 10) is None
+    assert profile_warning(TrainConfig(profile_steps="2:3"), 5, 10).startswith("warning: ")  # resumed past them

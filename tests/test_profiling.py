@@ -28,3 +28,16 @@ def test_off_records_nothing(tmp_path):
         profiler.after_step(step)
     profiler.stop()
     assert profiler.trace is None and not list(tmp_path.iterdir())
+
+
+def test_a_recording_cut_short_is_named_for_the_steps_it_holds(tmp_path):
+    import torch
+
+    from toolkit.profiling import StepProfiler
+
+    profiler = StepProfiler((1, 3), tmp_path, torch.device("cpu"))
+    profiler.before_step(1)
+    torch.ones(4).sum()
+    profiler.after_step(1)
+    profiler.stop()  # the run ended at step 1
+    assert profiler.trace == tmp_path / "trace-steps-1-1.json" and profiler.trace.is_file()

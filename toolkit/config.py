@@ -260,7 +260,7 @@ class TrainConfig:
         if self.optimizer == "adamw":
             for key in ("momentum", "nesterov"):
                 if getattr(self, key) != FIELDS[key].default:
-                    ignored.append(f"{key} (it is SGD's; optimizer is adamw)")
+                    ignored.append(f"{key} has no effect: it is SGD's, and the optimizer is adamw")
         return ignored
 
 

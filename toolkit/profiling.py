@@ -22,6 +22,7 @@ class StepProfiler:
         self.first, self.last = steps or (0, -1)
         self.folder, self.device = folder, device
         self.profile: profile | None = None
+        self.recorded_last = self.first
         self.trace: Path | None = None
         self.table = ""
 
@@ -33,8 +34,10 @@ class StepProfiler:
             self.profile.__enter__()
 
     def after_step(self, step: int) -> None:
-        if self.profile is not None and step >= self.last:
-            self.stop()
+        if self.profile is not None:
+            self.recorded_last = step
+            if step >= self.last:
+                self.stop()
 
     def stop(self) -> None:
         """End the recording (at its last step, or earlier if the run stops first) and write the trace."""
@@ -43,7 +46,8 @@ class StepProfiler:
         prof, self.profile = self.profile, None
         prof.__exit__(None, None, None)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.trace = self.folder / f"trace-steps-{self.first}-{self.last}.json"
+        # named for the steps recorded: a run that ends first records fewer than asked
+        self.trace = self.folder / f"trace-steps-{self.first}-{self.recorded_last}.json"
         prof.export_chrome_trace(str(self.trace))
         sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         self.table = prof.key_averages().table(sort_by=sort_by, row_limit=TOP_OPERATORS)

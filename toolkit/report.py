@@ -122,7 +122,8 @@ class RunReport:
         self.console.summary(summary)
         if profile:
             trace, table = profile
-            self.console.print(f"profile of steps {self.config.profile_steps}: {trace} (open in "
+            self.console.print(f"profile of steps {trace.stem.removeprefix('trace-steps-').replace('-', ' to ')}: "
+                               f"{trace} (open in "
                                f"https://ui.perfetto.dev); top operators by self time:\n{table}")
 
     def close(self) -> None:

@@ -138,7 +138,7 @@ def startup_warnings(parts: Parts, trainer: Any) -> list[str]:
         said.append(trainer.saver.disk_warning())
     said.append(warmup_warning(config.warmup_steps, parts.training.total_steps))
     said.append(elastic_store_warning())
-    said.extend(f"warning: {key} has no effect" for key in config.without_effect())
+    said.extend(f"warning: {why}" for why in config.without_effect())
     if config.train_samples > data.available:
         said.append(f"note: train_samples {config.train_samples:,} is more than the {data.available:,} training images "
                     f"there are: all of them are used")
