@@ -100,6 +100,7 @@ def run_recorded(tmp_path: Path, status: str = "", launcher_exit: int = 0, job_i
 
 @pytest.mark.parametrize("status, launcher_exit, exit_code, requeued", [
     ("stopped", 143, 0, True),  # what accelerate launch returns after its workers saved and exited 143
+    ("stopping", 143, 0, True),  # a signal arrived and the save was cut short: the last checkpoint stands
     ("finished", 0, 0, False),
     ("failed", 1, 1, False),
     ("running", 137, 1, False),  # killed before it could record: not requeued blindly
