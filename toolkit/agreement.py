@@ -177,15 +177,22 @@ def from_main(value: Any, device: Any) -> Any:
     if not several_processes():
         return value
     tensors: list[Any] = []
-    skeleton = [_hollow(value, tensors) if dist.get_rank() == 0 else None]
+
+    def hollow(tensor: torch.Tensor) -> _Slot:
+        tensors.append(tensor)
+        return _Slot(len(tensors) - 1, tuple(tensor.shape), tensor.dtype)
+
+    skeleton = [_replaced(value, torch.Tensor, hollow) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(skeleton, src=0)
-    received: list[Any] = []
-    for slot in _slots(skeleton[0]):
+    slots: list[_Slot] = []
+    _replaced(skeleton[0], _Slot, slots.append)
+    received = []
+    for slot in slots:
         tensor = tensors[slot.index].to(device) if dist.get_rank() == 0 else \
             torch.empty(slot.shape, dtype=slot.dtype, device=device)
         dist.broadcast(tensor, src=0)
         received.append(tensor.cpu())  # where `checkpoint.load` puts them (the random states must be on the CPU)
-    return _filled(skeleton[0], received)
+    return _replaced(skeleton[0], _Slot, lambda slot: received[slot.index])
 
 
 @dataclass(frozen=True)
@@ -197,40 +204,16 @@ class _Slot:
     dtype: Any
 
 
-def _hollow(value: Any, tensors: list[Any]) -> Any:
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _Slot(len(tensors) - 1, tuple(value.shape), value.dtype)
+def _replaced(value: Any, kind: type, replace: Callable[[Any], Any]) -> Any:
+    """`value` with every `kind` inside it (through dicts, lists, tuples and dataclasses) replaced by
+    `replace(it)`, in a fixed order."""
+    if isinstance(value, kind):
+        return replace(value)
     if isinstance(value, dict):
-        return {key: _hollow(item, tensors) for key, item in value.items()}
+        return {key: _replaced(item, kind, replace) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_hollow(item, tensors) for item in value)
+        return type(value)(_replaced(item, kind, replace) for item in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _hollow(getattr(value, f.name), tensors)
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
-
-def _slots(value: Any) -> list[_Slot]:
-    if isinstance(value, _Slot):
-        return [value]
-    if isinstance(value, dict):
-        return [slot for item in value.values() for slot in _slots(item)]
-    if isinstance(value, (list, tuple)):
-        return [slot for item in value for slot in _slots(item)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [slot for f in dataclasses.fields(value) for slot in _slots(getattr(value, f.name))]
-    return []
-
-
-def _filled(value: Any, tensors: list[Any]) -> Any:
-    if isinstance(value, _Slot):
-        return tensors[value.index]
-    if isinstance(value, dict):
-        return {key: _filled(item, tensors) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_filled(item, tensors) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _filled(getattr(value, f.name), tensors)
+        return dataclasses.replace(value, **{f.name: _replaced(getattr(value, f.name), kind, replace)
                                              for f in dataclasses.fields(value) if f.init})
     return value
