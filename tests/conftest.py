@@ -28,6 +28,25 @@ def pytest_report_header(config) -> list[str]:
             f"MNIST: {mnist_root() or 'not found (the tests that need it skip, saying so)'}"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_the_session_folder(tmp_path_factory) -> Iterator[None]:
+    """Every temporary file the tests and the commands they start make (torchrun's logs, the bench's scratch
+    folders, `--smoke`'s run, inductor's cache) goes in this session's folder, which pytest removes when the
+    session passes: a passing run leaves nothing in the temporary folder."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+
+
 def mnist_root() -> Path | None:
     root = resolve_data_dir()
     if mnist_present(root):
