@@ -229,3 +229,23 @@ def test_a_profile_outside_the_run_is_said_before_it_starts():
     assert "steps 1 to 2 will be recorded" in profile_warning(TrainConfig(profile_steps="1:3", max_steps=2), 0, 10)
     assert profile_warning(TrainConfig(profile_steps="2:3"), 0, 10) is None
     assert profile_warning(TrainConfig(profile_steps="2:3"), 5, 10).startswith("warning: ")  # resumed past them
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_saved(tmp_path):
+    from toolkit.stopping import NonFiniteLoss
+
+    with tiny_trainer(tmp_path, log_every_steps=1, max_steps=3) as trainer:
+        real = trainer.forward_backward
+        trainer.forward_backward = lambda images, labels, weight=1.0: real(images, labels, weight) * float("nan")
+        with pytest.raises(NonFiniteLoss) as raised:
+            trainer.train()
+    assert str(raised.value).startswith("loss is not finite at step 1 (rank 0)")
+    assert "no checkpoint had been saved" in str(raised.value) and "holds finite weights" not in str(raised.value)
+
+
+def test_a_held_out_slice_is_described_as_it_is_evaluated(tmp_path):
+    with tiny_trainer(tmp_path, validation_samples=500, eval_samples=128) as trainer:
+        assert trainer.data.description == "the first 128 of the last 500 training images (held out)"
+        assert trainer.data.eval.total == 128
+    with tiny_trainer(tmp_path / "all", validation_samples=500, eval_samples=0) as trainer:
+        assert trainer.data.description == "the last 500 training images (held out)"

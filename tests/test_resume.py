@@ -188,3 +188,19 @@ def test_resume_with_another_recipe_stops_with_the_difference(baseline, tmp_path
     assert result.returncode == 2
     saved_lr = TrainConfig().lr
     assert f"the config differs (lr: checkpoint {saved_lr!r}, this run 0.5)" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_takes_settings_that_change_nothing_and_a_finished_run_says_so(baseline, tmp_path):
+    """The baseline ran with precision auto (bf16 on this CPU, else fp32) and device auto: naming them as they
+    resolved, or a different evaluation batch, changes nothing a step computes; the run had finished."""
+    import json as _json
+
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    precision = _json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())["precision"]
+    result = run_module("toolkit.train", *RUN, "--output-dir", str(out), "--resume", "auto", "--device", "cpu",
+                        "--precision", precision, "--eval-batch-size", "37")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"nothing left to train: the run is at step {STEPS} (epoch 2 of 2)" in result.stdout, result.stdout
+    assert "config differs" not in result.stdout + result.stderr

@@ -600,3 +600,8 @@ def test_sigterm_to_the_ddp_launcher_exits_143_and_run_json_says_stopped(tmp_pat
     assert saved["checkpoint"] == str(checkpoint.step_dir(out / "checkpoints", saved["step"]))
     checkpoint.load(Path(saved["checkpoint"]))
 
+
+
+def test_the_flags_that_continue_a_run_are_quoted_for_a_shell(tmp_path):
+    folder = rundir.RunFolder(tmp_path / "my runs" / "a'b", owner=False)
+    assert folder.resume_flags == f"--resume auto --output-dir '{tmp_path}/my runs/a'\"'\"'b'"

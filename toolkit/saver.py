@@ -31,6 +31,7 @@ from toolkit.checkpoint import (
     STAGING,
     Checkpoint,
     CheckpointError,
+    TrainProgress,
     complete_checkpoints,
     has_checksums,
     is_complete,
@@ -60,21 +61,26 @@ class CheckpointSaver:
         self.keep_last = keep_last
         self.every_steps = every_steps
         self.enabled = enabled
-        self.last_saved_step = -1
+        self.last_saved: tuple[int, int, int] | None = None  # (step, epoch, evaluations) of the last state saved
         self.last_seconds = 0.0  # how long the last save took, all processes waiting for it
 
     def due(self, step: int) -> bool:
         """Whether step `step` is one of the periodic saves (`checkpoint_every_steps`)."""
         return bool(self.every_steps) and step % self.every_steps == 0
 
-    def saved_at(self, step: int) -> bool:
-        return step == self.last_saved_step
+    def saved(self, progress: TrainProgress) -> bool:
+        """Whether `progress` is the state saved last: a step saved periodically at an epoch's last batch is saved
+        again once the epoch's evaluation and end have changed it."""
+        return self.last_saved == (progress.step, progress.epoch, len(progress.history))
+
+    def mark_saved(self, progress: TrainProgress) -> None:
+        self.last_saved = (progress.step, progress.epoch, len(progress.history))
 
     def save(self, state: Checkpoint, best_step: int) -> Path | None:
         """Write `state` (main process; the others return None at once) and prune, keeping the best checkpoint
         (of `best_step`); the run folder's record names the new one."""
         step = state.progress.step
-        self.last_saved_step = step
+        self.mark_saved(state.progress)
         if not self.enabled or not self.folder.owner:
             return None
         started = time.perf_counter()

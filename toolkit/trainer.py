@@ -440,7 +440,7 @@ class Trainer:
             self.report.print(f"note: {source} was saved by {state.meta.get('world_size')} process(es) on "
                               f"{state.meta.get('device')}; random state re-seeded for this run's processes")
         self.progress = state.progress
-        self.saver.last_saved_step = self.progress.step
+        self.saver.mark_saved(self.progress)
         self.tally = StepTally(run.torch_device, self.progress.step)
         self.clock.wall_before = self.progress.wall_seconds
 
@@ -455,7 +455,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """A sync point first (no non-finite step is ever saved); then every process contributes its state, the
         main process writes, and all wait for it."""
-        if self.saver.saved_at(self.progress.step):
+        if self.saver.saved(self.progress):
             return
         self._sync()
         state = self.state_dict()
