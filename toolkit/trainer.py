@@ -81,7 +81,7 @@ class Trainer:
     def train(self) -> int:
         """Run to the end or to an early stop; the exit status: 0, or 128 + a signal's number (after saving)."""
         config, progress = self.config, self.progress
-        self.efficiency.measure()  # before the training clock starts: a FLOP count and a matmul, once
+        self._measure_efficiency()
         self.folder.training_starts()
         if self.stops.signals is not None:  # from here a signal asks the loop to stop, and one process says so
             self.stops.signals.training(self.report.print if self.world_size == 1 else None)
@@ -136,7 +136,7 @@ class Trainer:
         saving. For benchmarks: the caller times it."""
         self.net.model.train()
         progress, done = self.progress, 0
-        self.efficiency.measure()
+        self._measure_efficiency()
         self._start_clock()
         while done < count:
             if progress.batch >= len(self.data.train):
@@ -146,6 +146,12 @@ class Trainer:
                 done += 1
                 if done == count:
                     break
+
+    def _measure_efficiency(self) -> None:
+        """FLOPs per image and the device's peak (a matmul), once, before the training clock starts; the main
+        process alone reports them."""
+        if self.runtime.is_main:
+            self.efficiency.measure()
 
     def _step_batches(self, epoch: int) -> Iterator[list[Batch]]:
         """The batches of each optimizer step from the saved position to the end of `epoch`: `grad_accum_steps`
