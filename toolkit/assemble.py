@@ -73,8 +73,7 @@ def runtime(config: TrainConfig, precision: tuple[str, str] | None = None, note:
     if config.compile:
         devices.check_compile(device)
     accelerator = devices.build_accelerator(device, chosen, config.dist_timeout_s)
-    notes = [f"note: {line}" for line in devices.configure(device, config.deterministic, config.cpu_threads,
-                                                           local_processes(), tf32=config.tf32)]
+    notes = devices.configure(device, config.deterministic, config.cpu_threads, local_processes(), tf32=config.tf32)
     return Runtime(accelerator=accelerator, device=device, precision=chosen, precision_source=source,
                    notes=tuple([note] if note else []) + tuple(notes), peers=peers())
 

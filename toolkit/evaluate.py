@@ -95,11 +95,11 @@ def to_json(result: EvalResult, folder: Path, reason: str, device: str, precisio
             "confusion": result.confusion.tolist()}
 
 
-def report(console: Console, result: EvalResult, loaded: inference.Loaded, run: inference.Runtime) -> None:
+def report(console: Console, result: EvalResult, loaded: inference.Loaded, run: Any) -> None:
     console.print(f"checkpoint: {escape(str(loaded.folder))} ({loaded.reason})")
     console.print(f"device: {run.device}, precision: {run.precision}, processes: {run.accelerator.num_processes}")
-    if run.note:
-        console.print(f"note: {escape(run.note)}")
+    for note in run.notes:
+        console.print(f"note: {escape(note)}")
     console.print(f"accuracy: {result.accuracy:.2%} ({result.correct}/{result.count}), mean loss {result.loss:.4f}")
     per_class = Table(title="per class", title_justify="left")
     per_class.add_column("digit", justify="right")

@@ -246,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         config = loaded.config
         inference.refuse_overwriting(outputs, loaded, inference.mnist_files(config.data_dir))
         outputs.make_ready()
-        devices.configure("cpu", deterministic=False, cpu_threads=config.cpu_threads, local_processes=1)
+        notes = devices.configure("cpu", deterministic=False, cpu_threads=config.cpu_threads, local_processes=1)
         console = Console(highlight=False, soft_wrap=True)
+        for note in notes:
+            console.print(f"note: {escape(note)}")
 
         preprocess = Preprocess(config.image_size, config.normalize)
         serving = ServingModel(loaded.model.float(), preprocess).eval()

@@ -74,14 +74,6 @@ def check_finite(weights: dict[str, torch.Tensor], source: Path) -> None:
 
 # --- where it runs, and in what precision ---
 
-@dataclass(frozen=True)
-class Runtime:
-    accelerator: Accelerator
-    device: str
-    precision: str
-    note: str  # when the checkpoint's precision does not run here: why, and what is used instead; else ""
-
-
 def choose_precision(device: str, flag: str | None, saved: str | None) -> tuple[str, str]:
     """(precision, note). A precision the user asks for (`flag`) goes through `devices.resolve_precision` as in
     training: one it cannot run is a UsageError. Without one, the checkpoint's training precision (`saved`),
@@ -97,15 +89,14 @@ def choose_precision(device: str, flag: str | None, saved: str | None) -> tuple[
                        f"using auto, {precision}")
 
 
-def runtime(config: TrainConfig, meta: dict[str, Any], precision_flag: str | None) -> Runtime:
-    """The accelerator for using a trained model on `config.device`, in the precision `choose_precision` picks:
-    `assemble.runtime`, as training builds its own."""
+def runtime(config: TrainConfig, meta: dict[str, Any], precision_flag: str | None) -> Any:
+    """Where a trained model runs (`assemble.Runtime`, built as training builds its own), in the precision
+    `choose_precision` picks; its `notes` say what was chosen otherwise than asked (the precision, the threads)."""
     from toolkit import assemble
 
     device = devices.resolve(config.device)
     precision, note = choose_precision(device, precision_flag, meta.get("precision"))
-    run = assemble.runtime(replace(config, compile=False), precision=(precision, "chosen for inference"), note=note)
-    return Runtime(accelerator=run.accelerator, device=run.device, precision=run.precision, note=note)
+    return assemble.runtime(replace(config, compile=False), precision=(precision, "chosen for inference"), note=note)
 
 
 def on_device(model: AlexNet, config: TrainConfig, accelerator: Accelerator) -> tuple[AlexNet, Preprocess]:

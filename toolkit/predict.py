@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"checkpoint: {escape(str(loaded.folder))} ({loaded.reason})")
         console.print(f"device: {run.device}, precision: {run.precision}, images read: {len(files)}, "
                       f"{preparation(prepared, invert, center)}")
-        if run.note:
-            console.print(f"note: {escape(run.note)}")
+        for note in run.notes:
+            console.print(f"note: {escape(note)}")
         if records:
             report(console, records, prepared, top_k)
         for path, why in skipped:

@@ -133,7 +133,7 @@ def training_run(config: TrainConfig, quiet: bool = False, signals: Signals | No
 def startup_warnings(parts: Parts, trainer: Any) -> list[str]:
     """What the run says before its first step, rather than when it matters an epoch in."""
     config, run, data = parts.config, parts.runtime, parts.data
-    said = list(run.notes)
+    said = [f"note: {line}" for line in run.notes]
     if run.is_main:
         said.append(trainer.saver.disk_warning())
     said.append(warmup_warning(config.warmup_steps, parts.training.total_steps))
