@@ -28,23 +28,18 @@ def pytest_report_header(config) -> list[str]:
             f"MNIST: {mnist_root() or 'not found (the tests that need it skip, saying so)'}"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def temporary_files_in_the_session_folder(tmp_path_factory) -> Iterator[None]:
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path plugin has made its factory
+def pytest_configure(config) -> None:
     """Every temporary file the tests and the commands they start make (torchrun's logs, the bench's scratch
     folders, `--smoke`'s run, inductor's cache) goes in this session's folder, which pytest removes when the
-    session passes: a passing run leaves nothing in the temporary folder."""
+    session passes: a passing run leaves nothing in the temporary folder. Set before the test modules are
+    imported, since some copy the environment for their commands then."""
     import tempfile
 
-    folder = tmp_path_factory.mktemp("tmp")
-    before = os.environ.get("TMPDIR")
+    folder = config._tmp_path_factory.getbasetemp() / "tmp"
+    folder.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(folder)
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-    yield
-    if before is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before
-    tempfile.tempdir = None
 
 
 def mnist_root() -> Path | None:

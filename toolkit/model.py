@@ -11,7 +11,6 @@ import functools
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from toolkit import devices
 
@@ -159,6 +158,9 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, image_size: int) -> tuple[int, int]:
     """FLOPs per image for a forward pass and for a training step (forward + backward), counted by
     `torch.utils.flop_counter` on a batch of one on the CPU."""
+    # imported here: it imports triton where it is installed, a quarter of a second every command would pay
+    from torch.utils.flop_counter import FlopCounterMode
+
     device = next(model.parameters()).device
     x = torch.zeros(1, IN_CHANNELS, image_size, image_size, device=device)
     with FlopCounterMode(display=False) as counter:
