@@ -64,6 +64,18 @@ def run(args: list[str], timeout: float = 300, env: dict[str, str] | None = None
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
+def wait_for(process: subprocess.Popen[str], text: str) -> str:
+    """What a running command printed until a line holding `text` (the lines after it are left to read); an
+    AssertionError with all it printed, and its stderr when that is apart, if it ends without printing it."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    rest = process.stderr.read() if process.stderr else ""
+    raise AssertionError(f"never printed {text!r}:\n" + "".join(lines) + rest)
+
+
 def run_module(module: str, *args: str, timeout: float = 300,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", module, *args], timeout=timeout, env=env)

@@ -159,17 +159,23 @@ def test_a_chart_that_fails_never_loses_the_json(tmp_path, capsys, measured, mon
     assert len(json.loads(path.read_text())["results"]) == len(sweep())
 
 
-def test_the_model_step_paired_with_the_trainer_has_its_own_line(tmp_path, monkeypatch):
+@pytest.fixture
+def drawn(monkeypatch) -> dict:
+    """{label: (the line's y values, its style)} of every line the chart draws."""
     from matplotlib.axes import Axes
 
-    drawn = {}
+    lines = {}
     real_plot = Axes.plot
 
     def plot(self, *args, **kwargs):
-        drawn[kwargs["label"]] = (list(args[1]), args[2])
+        lines[kwargs["label"]] = (list(args[1]), args[2])
         return real_plot(self, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "plot", plot)
+    return lines
+
+
+def test_the_model_step_paired_with_the_trainer_has_its_own_line(tmp_path, drawn):
     rows = [r for r in sweep() if r["device"] == "cuda" and r["precision"] == "bf16" and r["mode"] == "train"
             and r["pipeline"] == "trainer"]
     for row in rows:
@@ -181,17 +187,7 @@ def test_the_model_step_paired_with_the_trainer_has_its_own_line(tmp_path, monke
     assert (trainer[1], paired[1]) == ("--", ":")
 
 
-def test_the_model_rows_of_pairs_are_the_dotted_line_and_not_drawn_twice(tmp_path, monkeypatch):
-    from matplotlib.axes import Axes
-
-    drawn = {}
-    real_plot = Axes.plot
-
-    def plot(self, *args, **kwargs):
-        drawn[kwargs["label"]] = (list(args[1]), args[2])
-        return real_plot(self, *args, **kwargs)
-
-    monkeypatch.setattr(Axes, "plot", plot)
+def test_the_model_rows_of_pairs_are_the_dotted_line_and_not_drawn_twice(tmp_path, drawn):
     rows = [r for r in sweep() if r["device"] == "cuda" and r["precision"] == "bf16" and r["mode"] == "train"]
     for row in rows:  # --pipeline both: a model row and a trainer row from the same pairs
         row["paired"] = True

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, mnist_root, run, run_module, scratch_dir
+from conftest import ROOT, mnist_root, run, run_module, scratch_dir, wait_for
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow,
@@ -116,15 +116,6 @@ def start_training(out: Path, *extra: str) -> subprocess.Popen[str]:
                                    "--output-dir", str(out), *extra),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for(process: subprocess.Popen[str], text: str) -> list[str]:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError("".join(lines))
 
 
 def test_a_killed_rank_brings_the_job_down_quickly(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, mnist_root, run, run_module
+from conftest import ROOT, mnist_root, run, run_module, wait_for
 
 from toolkit import checkpoint, rundir
 from toolkit.errors import LAUNCHER_NOTE, UsageError
@@ -378,15 +378,6 @@ def stopped(pid: int) -> None:
         assert time.monotonic() < deadline, f"pid {pid} did not stop"
         time.sleep(0.05)
     time.sleep(0.2)  # and a writer thread's write already under way is on disk
-
-
-def wait_for(process: subprocess.Popen[str], text: str) -> str:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    raise AssertionError(f"never printed {text!r}:\n" + "".join(lines))
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mnist_root
+from conftest import ROOT, mnist_root, wait_for
 
 from toolkit import checkpoint
 
@@ -38,19 +38,10 @@ def record(out: Path) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
-def until(process: subprocess.Popen[str], text: str) -> str:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    raise AssertionError(f"never printed {text!r}:\n" + "".join(lines) + process.stderr.read())
-
-
 def test_sighup_from_a_closed_terminal_saves_like_sigterm(tmp_path):
     out = tmp_path / "run"
     process = start(out)
-    until(process, "step 2/16")
+    wait_for(process, "step 2/16")
     process.send_signal(signal.SIGHUP)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 129, stdout + stderr
@@ -109,7 +100,7 @@ def test_a_killed_peer_is_one_line_naming_it_and_the_checkpoint(tmp_path):
                 "--device", "cpu"]
     process = start(out, "--batch-size", "16", "--checkpoint-every-steps", "4", "--log-every-steps", "2",
                     launcher=launcher)
-    until(process, "step 6/")
+    wait_for(process, "step 6/")
     (worker,) = [p for p in psutil.Process(process.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
     worker.kill()
     stdout, stderr = process.communicate(timeout=300)
@@ -148,7 +139,7 @@ def test_sigterm_to_a_single_process_launcher_reaches_the_trainer(tmp_path):
     out = tmp_path / "run"
     launcher = [*ACCELERATE, str(ROOT / "launch" / "cpu.yaml"), "toolkit/train.py", "--device", "cpu"]
     process = start(out, launcher=launcher)
-    until(process, "step 2/16")
+    wait_for(process, "step 2/16")
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stdout + stderr
