@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,22 @@ T = TypeVar("T")
 def several_processes() -> bool:
     """Whether this process is one of several in a process group (then collectives are needed to agree)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def end_process_group(accelerator: Any) -> None:
+    """End the run's process group (and its trackers), last thing before the process exits.
+
+    Gloo's worker threads drop a collective's tensors after the collective has returned, and dropping a tensor
+    Python knows takes the GIL. A worker still waiting for it when the interpreter finalizes is ended inside that
+    destructor, which aborts the process ("terminate called without an active exception", exit -6), most often on
+    a process that exits right after its last collective. Sleeping hands the GIL to those threads first."""
+    several = several_processes()
+    accelerator.end_training()
+    if several:
+        time.sleep(GIL_HANDOVER_S)
+
+
+GIL_HANDOVER_S = 0.1
 
 
 def decided_on_main(decide: Callable[[], T], main_process: bool) -> T:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolkit import inference, plots
-from toolkit.agreement import main_first
+from toolkit.agreement import end_process_group, main_first
 from toolkit.config import build_parser
 from toolkit.data import EvalBatches, first, load_mnist, resolve_data_dir
 from toolkit.errors import exit_on_user_error
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         inference.refuse_overwriting(outputs, loaded, inference.mnist_files(config.data_dir))
         outputs.make_ready()
         run = inference.runtime(config, loaded.meta, args.get("precision"))
-        finish.callback(run.accelerator.end_training)  # also on failure: the process group ends cleanly
+        finish.callback(end_process_group, run.accelerator)  # also on failure: the process group ends cleanly
         accelerator = run.accelerator
         console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
 

@@ -28,6 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolkit import inference
+from toolkit.agreement import end_process_group
 from toolkit.config import build_parser
 from toolkit.data import Preprocess
 from toolkit.errors import UsageError, exit_on_user_error
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         inference.refuse_overwriting(outputs, loaded, files)
         outputs.make_ready()
         run = inference.runtime(loaded.config, loaded.meta, args.get("precision"))
-        finish.callback(run.accelerator.end_training)  # also on failure: the process group ends cleanly
+        finish.callback(end_process_group, run.accelerator)  # also on failure: the process group ends cleanly
         if run.accelerator.num_processes > 1:
             raise UsageError("predict runs as one process: use python -m toolkit.predict, not accelerate launch")
         console = Console(highlight=False, soft_wrap=True)  # a line stays one line in logs and pipes

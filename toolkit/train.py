@@ -101,6 +101,7 @@ def training_run(config: TrainConfig, quiet: bool = False, signals: Signals | No
     first step), the report (the console, the trackers, the files). `splits` are images handed in instead of MNIST
     (a benchmark's); `quiet` keeps the console silent on every process."""
     from toolkit import assemble, rundir, tracking
+    from toolkit.agreement import end_process_group
     from toolkit.console import TrainConsole
     from toolkit.report import RunReport, facts
     from toolkit.saver import chosen_for_resume
@@ -127,7 +128,7 @@ def training_run(config: TrainConfig, quiet: bool = False, signals: Signals | No
             finally:
                 report.close()
     finally:
-        run.accelerator.end_training()
+        end_process_group(run.accelerator)
 
 
 def startup_warnings(parts: Parts, trainer: Any) -> list[str]:
