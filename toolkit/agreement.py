@@ -27,6 +27,9 @@ def several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+GIL_HANDOVER_S = 0.1  # seconds: gloo's workers take the GIL within milliseconds
+
+
 def end_process_group(accelerator: Any) -> None:
     """End the run's process group (and its trackers), last thing before the process exits.
 
@@ -38,9 +41,6 @@ def end_process_group(accelerator: Any) -> None:
     accelerator.end_training()
     if several:
         time.sleep(GIL_HANDOVER_S)
-
-
-GIL_HANDOVER_S = 0.1
 
 
 def decided_on_main(decide: Callable[[], T], main_process: bool) -> T:
